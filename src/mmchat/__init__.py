@@ -1,0 +1,7 @@
+"""mmchat: a local, private, multimodal chat assistant."""
+from .api import LLM, Completion, load
+from .errors import MMChatError
+from .generate import SamplingParams
+
+__all__ = ["LLM", "Completion", "MMChatError", "SamplingParams", "load"]
+__version__ = "0.1.0"

@@ -1,0 +1,207 @@
+"""The Python API: `llm = mmchat.load("smollm2")`, then `llm.generate`, `llm.stream`, `llm.chat`."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from . import registry
+from .chat.template import ChatTemplate
+from .errors import MMChatError
+from .formats.load import load_checkpoint
+from .generate import SamplingParams, generate, with_seed_offset
+from .model import Transformer
+from .tokenizer import StreamDecoder, Tokenizer
+
+# Settings that keep a small chat model on topic and out of loops (greedy answers of SmolLM2 repeat themselves).
+CHAT_DEFAULTS = dict(temperature=0.3, top_p=0.9, repetition_penalty=1.1, max_tokens=512)
+GENERATE_DEFAULTS = dict(temperature=0.8, top_p=0.95, max_tokens=128)
+SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
+
+
+@dataclass
+class Completion:
+    """One finished answer."""
+    text: str
+    token_ids: list[int]
+    finish_reason: str                       # "stop" or "length"
+    prompt_tokens: int
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+
+
+def build_model(config, tensors: dict[str, torch.Tensor], dtype=torch.float32, device="cpu") -> Transformer:
+    """Our Transformer with the checkpoint's tensors, built on the meta device and filled without copies."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in tensors.items()},
+                          strict=False, assign=True)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.tok_embeddings.weight
+    return model.eval()
+
+
+def sampling_params(defaults: dict, **kwargs) -> SamplingParams:
+    unknown = set(kwargs) - SAMPLING_FIELDS
+    if unknown:
+        raise MMChatError(f"unknown sampling setting(s): {', '.join(sorted(unknown))}; "
+                          f"known: {', '.join(sorted(SAMPLING_FIELDS))}")
+    values = {**defaults, **{k: v for k, v in kwargs.items() if v is not None}}
+    return SamplingParams(**values).validate()
+
+
+class StopStrings:
+    """Cuts a sequence's text at the first stop string; while streaming, holds back a tail that could still
+    grow into one, so a stop string never reaches the output."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.text = ""
+        self.emitted = 0
+        self.stopped = False
+
+    def feed(self, delta: str) -> str:
+        self.text += delta
+        for s in self.stops:
+            at = self.text.find(s)
+            if at != -1:
+                self.text, self.stopped = self.text[:at], True
+        hold = 0
+        if not self.stopped:
+            for s in self.stops:  # longest suffix of text that is a prefix of a stop string
+                for k in range(min(len(s) - 1, len(self.text)), 0, -1):
+                    if self.text.endswith(s[:k]):
+                        hold = max(hold, k)
+                        break
+        out = self.text[self.emitted: len(self.text) - hold]
+        self.emitted += len(out)
+        return out
+
+    def flush(self) -> str:
+        out = self.text[self.emitted:]
+        self.emitted = len(self.text)
+        return out
+
+
+class LLM:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, chat_template: ChatTemplate, name: str = ""):
+        self.model, self.tokenizer, self.template, self.name = model, tokenizer, chat_template, name
+        self.config = model.cfg
+        self.load_seconds = 0.0
+
+    @classmethod
+    def load(cls, model: str = registry.DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str = "cpu",
+             progress: bool = True) -> "LLM":
+        """A model name (`smollm2`, pulled if missing), a GGUF file or a HuggingFace folder."""
+        start = time.perf_counter()
+        path = registry.resolve(model, progress=progress)
+        ckpt = load_checkpoint(path)
+        tok = ckpt.tokenizer
+        bos = tok.id_to_token(tok.bos_token_id) if tok.bos_token_id is not None else ""
+        eos = tok.id_to_token(tok.eos_token_ids[0]) if tok.eos_token_ids else ""
+        llm = cls(build_model(ckpt.config, ckpt.tensors, dtype, device), tok,
+                  ChatTemplate(ckpt.chat_template, bos or "", eos or ""), name=model if not Path(model).exists()
+                  else Path(model).stem)
+        llm.load_seconds = time.perf_counter() - start
+        return llm
+
+    # -- text <-> ids -----------------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        text = self.template.render(messages, add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.encode(text, add_bos=False)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        ids = set(self.config.eos_token_ids) | set(self.tokenizer.eos_token_ids)
+        # chat models end a turn with <|im_end|> or <|eot_id|> even when the file names another eos token
+        for end in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
+            tid = self.tokenizer.special_ids.get(end)
+            if tid is not None:
+                ids.add(tid)
+        return sorted(ids)
+
+    # -- generation -------------------------------------------------------------------------------------------
+    def stream_ids(self, prompts: list[list[int]], params: SamplingParams, n: int = 1,
+                   stop: list[str] | None = None) -> Iterator[tuple[int, str, object]]:
+        """Decode all prompts x n samples in one batch. Yields (sequence index, text delta, TokenOut)."""
+        rows = [ids for ids in prompts for _ in range(n)]
+        row_params = [with_seed_offset(params, i % n) for i in range(len(rows))]
+        decoders = [StreamDecoder(self.tokenizer) for _ in rows]
+        stoppers = [StopStrings(stop or []) for _ in rows]
+        gen = generate(self.model, rows, row_params, self.eos_token_ids)
+        try:
+            cancelled: set[int] = set()
+            step = next(gen)
+            while True:
+                for t in step:
+                    delta = "" if t.finish_reason == "stop" else decoders[t.seq].push(t.token)
+                    text = stoppers[t.seq].feed(delta)
+                    if t.finish_reason or stoppers[t.seq].stopped:
+                        text += stoppers[t.seq].flush()
+                        if stoppers[t.seq].stopped:
+                            t.finish_reason = "stop"
+                            cancelled.add(t.seq)
+                    yield t.seq, text, t
+                step = gen.send(cancelled)
+        except StopIteration:
+            return
+        finally:
+            gen.close()
+
+    def complete(self, prompts: list[list[int]], params: SamplingParams, n: int = 1,
+                 stop: list[str] | None = None) -> list[Completion]:
+        rows = [ids for ids in prompts for _ in range(n)]
+        out = [Completion("", [], "length", len(ids)) for ids in rows]
+        eos = set(self.eos_token_ids)
+        for seq, text, t in self.stream_ids(prompts, params, n, stop):
+            c = out[seq]
+            c.text += text
+            if not (t.finish_reason == "stop" and t.token in eos):
+                c.token_ids.append(t.token)
+                c.logprobs.append(t.logprob)
+                if t.top is not None:
+                    c.top_logprobs.append(t.top)
+            if t.finish_reason:
+                c.finish_reason = t.finish_reason
+        return out
+
+    def generate(self, prompt: str | list[str], n: int = 1, stop: list[str] | str | None = None,
+                 **sampling) -> str | list[str]:
+        """Continue `prompt`; the text of the new tokens only. A list of prompts, or n > 1, gives a list."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        params = sampling_params(GENERATE_DEFAULTS, **sampling)
+        stop = [stop] if isinstance(stop, str) else stop
+        texts = [c.text for c in self.complete([self.encode(p) for p in prompts], params, n, stop)]
+        return texts[0] if isinstance(prompt, str) and n == 1 else texts
+
+    def stream(self, prompt: str, stop: list[str] | str | None = None, **sampling) -> Iterator[str]:
+        """Continue `prompt`, yielding text pieces as tokens come."""
+        params = sampling_params(GENERATE_DEFAULTS, **sampling)
+        stop = [stop] if isinstance(stop, str) else stop
+        for _, text, _ in self.stream_ids([self.encode(prompt)], params, 1, stop):
+            if text:
+                yield text
+
+    def chat(self, messages: list[dict] | str, stream: bool = False, stop: list[str] | str | None = None,
+             **sampling) -> str | Iterator[str]:
+        """Answer a conversation (OpenAI-style message dicts, or one user message as a string)."""
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        params = sampling_params(CHAT_DEFAULTS, **sampling)
+        stop = [stop] if isinstance(stop, str) else stop
+        ids = self.render_chat(messages)
+        pieces = (text for _, text, _ in self.stream_ids([ids], params, 1, stop) if text)
+        return pieces if stream else "".join(pieces)
+
+
+def load(model: str = registry.DEFAULT_MODEL, **kwargs) -> LLM:
+    return LLM.load(model, **kwargs)

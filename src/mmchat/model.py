@@ -1,0 +1,228 @@
+"""The Transformer, top to bottom: attention, RoPE, norms, MLP, blocks, KV cache.
+
+Two families share one module tree:
+  llama: RMSNorm, rotary position embeddings, grouped-query attention, SwiGLU MLP, optionally tied embeddings;
+  gpt2:  LayerNorm, learned position embeddings, multi-head attention, GELU MLP, tied embeddings.
+Token ids or input embeddings go in (embeddings let images and audio be spliced into a prompt), logits come out.
+Every call carries explicit positions `input_pos` (B, T), one row per sequence, so sequences of different
+lengths decode together in one batch against a static KV cache.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+
+def attention_reference(q, k, v, mask=None):
+    """softmax(Q K^T / sqrt(d_k)) V, written out. Returns the output and the attention weights.
+    q: (B, nh, T, hs); k, v: (B, nh, S, hs); mask: (B, 1, T, S) bool, True where a query may look, None for causal."""
+    T, S = q.size(-2), k.size(-2)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, nh, T, S)
+    if mask is None:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)  # (T, S) causal, last T queries
+    scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)  # (B, nh, T, S)
+    return weights @ v, weights  # (B, nh, T, hs), (B, nh, T, S)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float):
+    """cos and sin of position * theta^(-2i/d) for every position, (max_len, head_dim), HF's half-split layout."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (hs/2,)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (max_len, hs/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (max_len, hs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate pairs (x_i, x_{i+hs/2}) by the position's angle. x: (B, nh, T, hs); cos, sin: (B, 1, T, hs)."""
+    half = x.size(-1) // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)  # (B, nh, T, hs)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * self.weight.float()).to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.arch == "gpt2":
+        return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+    return RMSNorm(cfg.d_model, cfg.norm_eps)
+
+
+class KVCache(nn.Module):
+    """Static per-layer cache: keys and values for every (sequence, position) slot, written in place."""
+
+    def __init__(self, batch_size: int, n_kv_head: int, max_len: int, head_dim: int, dtype, device=None):
+        super().__init__()
+        shape = (batch_size, n_kv_head, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos, k, v, cache_rows=None):
+        """input_pos: (B, T); k, v: (B, n_kv, T, hs). Batch row b lives in cache row b, or in cache_rows[b]
+        when given (B,). Returns the keys and values those rows can see, (B, n_kv, S, hs) each."""
+        B = k.size(0)
+        rows = (torch.arange(B, device=k.device) if cache_rows is None else cache_rows)[:, None]  # (B, 1)
+        self.k[rows, :, input_pos] = k.transpose(1, 2)  # slots (B, T) <- (B, T, n_kv, hs)
+        self.v[rows, :, input_pos] = v.transpose(1, 2)
+        if cache_rows is None:
+            return self.k[:B], self.v[:B]  # views, no copy
+        return self.k[cache_rows], self.v[cache_rows]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        qkv_dim = (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim
+        self.wqkv = nn.Linear(cfg.d_model, qkv_dim, bias=cfg.attn_bias)  # Q, K and V in one matmul
+        self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.mlp_bias)
+        self.cache: KVCache | None = None
+        self.use_reference = False  # True: the written-out softmax path, which also keeps the weights
+        self.last_weights = None
+
+    def forward(self, x, rope, input_pos, mask, cache_rows=None):
+        B, T, _ = x.shape
+        q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        q, k, v = self.wqkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)  # (B, T, nh*hs), (B, T, nkv*hs) x2
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if self.cache is not None:
+            k, v = self.cache.update(input_pos, k, v, cache_rows)  # (B, nkv, S, hs)
+        if self.use_reference:
+            groups = self.n_head // self.n_kv_head
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, nh, S, hs)
+            y, self.last_weights = attention_reference(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=self.n_head != self.n_kv_head)  # (B, nh, T, hs)
+        return self.wo(y.transpose(1, 2).reshape(B, T, q_dim))  # (B, T, d)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gated = cfg.arch == "llama"
+        self.d_ff = cfg.d_ff
+        # llama: gate and up projections fused into one matmul; gpt2: a single up projection
+        self.w_up = nn.Linear(cfg.d_model, (2 if self.gated else 1) * cfg.d_ff, bias=cfg.mlp_bias)
+        self.w_down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        h = self.w_up(x)  # (B, T, 2*ff) or (B, T, ff)
+        if self.gated:
+            gate, up = h.split(self.d_ff, dim=-1)
+            h = F.silu(gate) * up  # SwiGLU, (B, T, ff)
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return self.w_down(h)  # (B, T, d)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = make_norm(cfg)
+        self.attn = Attention(cfg)
+        self.mlp_norm = make_norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, rope, input_pos, mask, cache_rows=None):
+        x = x + self.attn(self.attn_norm(x), rope, input_pos, mask, cache_rows)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_embeddings = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.arch == "gpt2" else None
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_embeddings.weight
+        self.cache_len = 0
+        self._rope = None
+
+    # -- KV cache -------------------------------------------------------------------------------------------
+    def setup_cache(self, batch_size: int, max_len: int, dtype=None):
+        """Allocate a static cache for `batch_size` sequences of up to `max_len` positions each."""
+        if max_len > self.cfg.max_seq_len:
+            raise ValueError(f"cache of {max_len} positions exceeds the context window ({self.cfg.max_seq_len})")
+        dtype = dtype or self.tok_embeddings.weight.dtype
+        device = self.tok_embeddings.weight.device
+        for layer in self.layers:
+            layer.attn.cache = KVCache(batch_size, self.cfg.n_kv_head, max_len, self.cfg.head_dim, dtype, device)
+        self.cache_len = max_len
+
+    def clear_cache(self):
+        for layer in self.layers:
+            layer.attn.cache = None
+        self.cache_len = 0
+
+    def rope(self, device):
+        if self.cfg.arch != "llama":
+            return None
+        if self._rope is None or self._rope[0].device != device:
+            self._rope = tuple(t.to(device) for t in rope_tables(self.cfg.head_dim, self.cfg.max_seq_len,
+                                                                 self.cfg.rope_theta))
+        return self._rope
+
+    def set_reference_attention(self, on: bool = True):
+        """Switch every layer to the written-out attention, which keeps each layer's weights in
+        `layer.attn.last_weights` (B, nh, T, S) after a forward pass."""
+        for layer in self.layers:
+            layer.attn.use_reference = on
+            layer.attn.last_weights = None
+
+    # -- forward --------------------------------------------------------------------------------------------
+    def embed(self, tokens):
+        return self.tok_embeddings(tokens)  # (B, T, d)
+
+    def forward(self, tokens=None, input_pos=None, embeds=None, output_index=None, cache_rows=None,
+                hidden_states: list | None = None):
+        """tokens: (B, T) ids, or embeds: (B, T, d). input_pos: (B, T) positions; None means 0..T-1.
+        With a cache set up, keys/values are written at input_pos and every query sees the cached slots at or
+        before its own position; `cache_rows` (B,) picks which cache rows the batch rows use (default 0..B-1).
+        Returns logits (B, T, V), or (B, 1, V) at one position per row when
+        `output_index` (B,) is given. If `hidden_states` is a list, the residual stream after each block is
+        appended to it (for the logit lens)."""
+        x = self.embed(tokens) if embeds is None else embeds  # (B, T, d)
+        B, T, _ = x.shape
+        if input_pos is None:
+            input_pos = torch.arange(T, device=x.device).expand(B, T)  # (B, T)
+        if self.pos_embeddings is not None:
+            x = x + self.pos_embeddings(input_pos)  # (B, T, d)
+        rope = None
+        if self.cfg.arch == "llama":
+            cos, sin = self.rope(x.device)
+            rope = (cos[input_pos].unsqueeze(1).to(x.dtype), sin[input_pos].unsqueeze(1).to(x.dtype))  # (B,1,T,hs)
+        mask = None  # None: plain causal attention over these T tokens
+        if self.cache_len:
+            slots = torch.arange(self.cache_len, device=x.device)  # (S,)
+            mask = (slots[None, None, :] <= input_pos[:, :, None]).unsqueeze(1)  # (B, 1, T, S)
+        for layer in self.layers:
+            x = layer(x, rope, input_pos, mask, cache_rows)
+            if hidden_states is not None:
+                hidden_states.append(x)
+        if output_index is not None:
+            x = x[torch.arange(B, device=x.device), output_index][:, None]  # (B, 1, d)
+        return self.lm_head(self.norm(x))  # (B, T, V)

