@@ -56,77 +56,110 @@ class TokenOut:
 
 
 class Sampler:
-    """Turns a batch of next-token logits into tokens, each row with its own settings and random stream."""
+    """Turns a batch of next-token logits into tokens, each row with its own settings and random stream.
+    Rows can be handed to new sequences (`reset_row`), and every method can work on a subset of rows, so a
+    long-lived sampler serves the changing batch of a continuous-batching engine."""
 
     def __init__(self, params: list[SamplingParams], vocab_size: int, device):
-        self.params = params
-        self.generators = []
-        for p in params:
-            g = torch.Generator(device=device)
-            g.manual_seed(p.seed if p.seed is not None else random.getrandbits(63))
-            self.generators.append(g)
+        self.params = list(params)
+        self.vocab_size, self.device = vocab_size, device
+        self.generators = [self._generator(p.seed) for p in params]
         self.counts = torch.zeros(len(params), vocab_size, device=device)  # (B, V) times generated
         self.seen = torch.zeros(len(params), vocab_size, dtype=torch.bool, device=device)  # prompt + generated
-        self.bias = None
-        if any(p.logit_bias for p in params):
-            self.bias = torch.zeros(len(params), vocab_size, device=device)  # (B, V)
-            for i, p in enumerate(params):
-                for tid, b in p.logit_bias.items():
-                    self.bias[i, tid] = b
+        self.bias = None  # (B, V) once any row has a logit_bias
+        for i, p in enumerate(params):
+            self._set_bias(i, p)
+
+    def _generator(self, seed: int | None) -> torch.Generator:
+        g = torch.Generator(device=self.device)
+        g.manual_seed(seed if seed is not None else random.getrandbits(63))
+        return g
+
+    def _set_bias(self, row: int, p: SamplingParams):
+        if p.logit_bias and self.bias is None:
+            self.bias = torch.zeros(len(self.params), self.vocab_size, device=self.device)
+        if self.bias is not None:
+            self.bias[row] = 0.0
+            for tid, b in p.logit_bias.items():
+                self.bias[row, tid] = b
+
+    def reset_row(self, row: int, params: SamplingParams, prompt: list[int] = ()):
+        """Give `row` to a new sequence: its settings, a fresh random stream (from its seed), no history."""
+        self.params[row] = params
+        self.generators[row] = self._generator(params.seed)
+        self.counts[row] = 0.0
+        self.seen[row] = False
+        self._set_bias(row, params)
+        if prompt:
+            self.observe_prompt(row, prompt)
+
+    def _select(self, rows):
+        """The params, generators and a tensor indexer of `rows` (None: all rows)."""
+        if rows is None:
+            return self.params, self.generators, slice(None)
+        rows = list(rows)
+        return ([self.params[r] for r in rows], [self.generators[r] for r in rows],
+                torch.tensor(rows, dtype=torch.long, device=self.device))
 
     def observe_prompt(self, row: int, ids: list[int]):
         self.seen[row, torch.tensor(ids, dtype=torch.long, device=self.seen.device)] = True
 
-    def observe(self, tokens: torch.Tensor):
-        """tokens: (B,) just generated."""
-        self.counts.scatter_add_(1, tokens[:, None], torch.ones_like(tokens[:, None], dtype=self.counts.dtype))
-        self.seen.scatter_(1, tokens[:, None], True)
+    def observe(self, tokens: torch.Tensor, rows: list[int] | None = None):
+        """tokens: (B,) just generated, one per row of `rows` (None: all rows)."""
+        _, _, idx = self._select(rows)
+        if rows is None:
+            idx = torch.arange(len(self.params), device=tokens.device)
+        self.counts[idx, tokens] += 1  # rows are distinct, so no index repeats
+        self.seen[idx, tokens] = True
 
-    def penalize(self, logits: torch.Tensor) -> torch.Tensor:
+    def penalize(self, logits: torch.Tensor, rows: list[int] | None = None) -> torch.Tensor:
         """logits: (B, V) float32 -> penalized (B, V)."""
-        ps = self.params
+        ps, _, idx = self._select(rows)
         if any(p.repetition_penalty != 1.0 for p in ps):
             rep = torch.tensor([p.repetition_penalty for p in ps], device=logits.device)[:, None]  # (B, 1)
             penalized = torch.where(logits > 0, logits / rep, logits * rep)
-            logits = torch.where(self.seen, penalized, logits)
+            logits = torch.where(self.seen[idx], penalized, logits)
         if any(p.presence_penalty or p.frequency_penalty for p in ps):
             presence = torch.tensor([p.presence_penalty for p in ps], device=logits.device)[:, None]
             frequency = torch.tensor([p.frequency_penalty for p in ps], device=logits.device)[:, None]
-            logits = logits - presence * (self.counts > 0) - frequency * self.counts
+            counts = self.counts[idx]  # (B, V)
+            logits = logits - presence * (counts > 0) - frequency * counts
         if self.bias is not None:
-            logits = logits + self.bias
+            logits = logits + self.bias[idx]
         return logits
 
-    def sample(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits: (B, V) -> token ids (B,)."""
-        logits = self.penalize(logits.float())
+    def sample(self, logits: torch.Tensor, rows: list[int] | None = None) -> torch.Tensor:
+        """logits: (B, V), one row per entry of `rows` (None: all rows) -> token ids (B,)."""
+        ps, generators, _ = self._select(rows)
+        logits = self.penalize(logits.float(), rows)
         greedy = logits.argmax(dim=-1)  # (B,)
-        if all(p.temperature == 0 for p in self.params):
+        if all(p.temperature == 0 for p in ps):
             return greedy
-        temps = torch.tensor([p.temperature or 1.0 for p in self.params], device=logits.device)[:, None]
+        temps = torch.tensor([p.temperature or 1.0 for p in ps], device=logits.device)[:, None]
         logits = logits / temps
-        max_k = max(p.top_k for p in self.params)
+        max_k = max(p.top_k for p in ps)
         if max_k:
-            ks = torch.tensor([p.top_k or logits.size(-1) for p in self.params], device=logits.device)
+            ks = torch.tensor([p.top_k or logits.size(-1) for p in ps], device=logits.device)
             sorted_desc = logits.sort(dim=-1, descending=True).values  # (B, V)
             kth = sorted_desc.gather(1, (ks.clamp(max=logits.size(-1)) - 1)[:, None])  # (B, 1)
             logits = logits.masked_fill(logits < kth, float("-inf"))
-        if any(p.top_p < 1.0 for p in self.params):
-            top_p = torch.tensor([p.top_p for p in self.params], device=logits.device)[:, None]
+        if any(p.top_p < 1.0 for p in ps):
+            top_p = torch.tensor([p.top_p for p in ps], device=logits.device)[:, None]
             sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
             cum = sorted_logits.softmax(-1).cumsum(-1)
             drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p  # keep the smallest set reaching top_p
             drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
             logits = logits.masked_fill(drop, float("-inf"))
         probs = logits.softmax(dim=-1)  # (B, V)
-        if any(p.min_p > 0 for p in self.params):
-            min_p = torch.tensor([p.min_p for p in self.params], device=logits.device)[:, None]
+        if any(p.min_p > 0 for p in ps):
+            min_p = torch.tensor([p.min_p for p in ps], device=logits.device)[:, None]
             probs = probs.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, 0.0)
-        # sampling as argmax(p / E) with E ~ Exp(1) per row, drawn from that row's own generator
+        # sampling as argmax(p / E) with E ~ Exp(1) per row, drawn from that row's own generator, so a row's
+        # tokens depend only on its own seed, never on which other rows share the batch
         noise = torch.stack([torch.empty(probs.size(-1), device=probs.device).exponential_(generator=g)
-                             for g in self.generators])  # (B, V)
+                             for g in generators])  # (B, V)
         sampled = (probs / noise).argmax(dim=-1)  # (B,)
-        is_greedy = torch.tensor([p.temperature == 0 for p in self.params], device=logits.device)
+        is_greedy = torch.tensor([p.temperature == 0 for p in ps], device=logits.device)
         return torch.where(is_greedy, greedy, sampled)
 
 
