@@ -1,6 +1,7 @@
 """The Python API: `llm = mmchat.load("smollm2")`, then `llm.generate`, `llm.stream`, `llm.chat`."""
 from __future__ import annotations
 
+import queue
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 from . import registry
 from .chat.template import ChatTemplate
 from .errors import MMChatError
+from .engine import Engine
 from .formats.load import load_checkpoint
 from .generate import SamplingParams, generate, with_seed_offset
 from .model import Transformer
@@ -91,6 +93,7 @@ class LLM:
         self.model, self.tokenizer, self.template, self.name = model, tokenizer, chat_template, name
         self.config = model.cfg
         self.load_seconds = 0.0
+        self._engine: Engine | None = None
 
     @classmethod
     def load(cls, model: str = registry.DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str = "cpu",
@@ -130,32 +133,80 @@ class LLM:
         return sorted(ids)
 
     # -- generation -------------------------------------------------------------------------------------------
+    def start_engine(self, slots: int = 4, max_len: int | None = None, max_queue: int = 64) -> Engine:
+        """Start the continuous-batching engine that serves this model's requests (once; later calls return it).
+        Its slots remember their tokens, so turn N of a chat prefills only what is new."""
+        if self._engine is None:
+            self._engine = Engine(self.model, self.eos_token_ids, slots=slots, max_len=max_len, max_queue=max_queue)
+        return self._engine
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine or self.start_engine()
+
     def stream_ids(self, prompts: list[list[int]], params: SamplingParams, n: int = 1,
                    stop: list[str] | None = None) -> Iterator[tuple[int, str, object]]:
-        """Decode all prompts x n samples in one batch. Yields (sequence index, text delta, TokenOut)."""
+        """Decode all prompts x n samples together. Yields (sequence index, text delta, TokenOut)."""
         rows = [ids for ids in prompts for _ in range(n)]
         row_params = [with_seed_offset(params, i % n) for i in range(len(rows))]
         decoders = [StreamDecoder(self.tokenizer) for _ in rows]
         stoppers = [StopStrings(stop or []) for _ in rows]
-        gen = generate(self.model, rows, row_params, self.eos_token_ids)
+        engine = self.engine
+        if all(len(ids) + params.max_tokens <= engine.context_len for ids in rows):
+            steps = self._engine_steps(engine, rows, row_params)
+        else:  # longer than the engine's slots hold: a batch of its own, up to the model's full context
+            steps = generate(self.model, rows, row_params, self.eos_token_ids)
+        finished: set[int] = set()
         try:
-            cancelled: set[int] = set()
-            step = next(gen)
+            step = next(steps)
             while True:
                 for t in step:
+                    if t.seq in finished:
+                        continue  # a token produced before a stop string's cancel took effect
                     delta = "" if t.finish_reason == "stop" else decoders[t.seq].push(t.token)
                     text = stoppers[t.seq].feed(delta)
                     if t.finish_reason or stoppers[t.seq].stopped:
                         text += stoppers[t.seq].flush()
                         if stoppers[t.seq].stopped:
                             t.finish_reason = "stop"
-                            cancelled.add(t.seq)
+                        finished.add(t.seq)
                     yield t.seq, text, t
-                step = gen.send(cancelled)
+                step = steps.send(finished)
         except StopIteration:
             return
         finally:
-            gen.close()
+            steps.close()
+
+    @staticmethod
+    def _engine_steps(engine: Engine, rows: list[list[int]], row_params: list[SamplingParams]):
+        """The engine's output for these rows, in the shape generate() yields: lists of TokenOut. Send the set
+        of sequences to stop; closing the generator cancels whatever still runs."""
+        channel: queue.Queue = queue.Queue()
+        handles = []
+        try:
+            for i, (ids, p) in enumerate(zip(rows, row_params)):
+                handles.append(engine.submit(ids, p, seq=i, channel=channel))
+            running = len(handles)
+            while running:
+                step = []
+                seq, item = channel.get()
+                while True:  # everything already there, so one yield carries a whole engine step
+                    if item is None:
+                        running -= 1
+                    elif isinstance(item, BaseException):
+                        raise item
+                    else:
+                        step.append(item)
+                    try:
+                        seq, item = channel.get_nowait()
+                    except queue.Empty:
+                        break
+                if step:
+                    for i in (yield step) or ():
+                        handles[i].cancel()
+        finally:
+            for h in handles:
+                h.cancel()
 
     def complete(self, prompts: list[list[int]], params: SamplingParams, n: int = 1,
                  stop: list[str] | None = None) -> list[Completion]:
