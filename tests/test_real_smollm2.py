@@ -1,0 +1,71 @@
+"""The real SmolLM2-135M-Instruct GGUF: mmchat's fp32 model on the dequantized weights against transformers
+loading the same file (it dequantizes with gguf-py too). Loaded once per module; both take seconds."""
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+transformers = pytest.importorskip("transformers")
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def hf(smollm2_path):
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(smollm2_path.parent), gguf_file=smollm2_path.name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def prompts(smollm2):
+    return [smollm2.encode(p) for p in PROMPTS] + [smollm2.render_chat(CHAT)]
+
+
+def test_same_shape_and_weights(smollm2, hf):
+    c = hf.config
+    assert (smollm2.config.n_layer, smollm2.config.n_head, smollm2.config.n_kv_head, smollm2.config.d_model) == \
+        (c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.hidden_size) == (30, 9, 3, 576)
+    # Q rows: ours undoes llama.cpp's permutation; transformers does the same on its side
+    q_ours = smollm2.model.layers[3].attn.wqkv.weight[:576]
+    assert torch.equal(q_ours, hf.model.layers[3].self_attn.q_proj.weight)
+
+
+@pytest.fixture(scope="module")
+def continuations(smollm2, prompts):
+    """Our greedy 32 tokens for every prompt, decoded together in one batch."""
+    from mmchat.generate import SamplingParams
+    done = smollm2.complete(prompts, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
+    return [c.token_ids for c in done]
+
+
+@pytest.fixture(scope="module")
+def hf_logits(hf, prompts, continuations):
+    """transformers' logits over prompt + our continuation, one forward pass per prompt: (T, V) each."""
+    with torch.no_grad():
+        return [hf(torch.tensor([p + c])).logits[0] for p, c in zip(prompts, continuations)]
+
+
+def test_last_position_logits_match(smollm2, prompts, hf_logits):
+    for ids, ref in zip(prompts, hf_logits):
+        with torch.no_grad():
+            ours = smollm2.model(torch.tensor([ids]))[0, -1]  # (V,)
+        diff = (ours - ref[len(ids) - 1]).abs().max()
+        assert diff < 2e-3, diff
+        assert ours.argmax() == ref[len(ids) - 1].argmax()
+
+
+def test_greedy_continuations_match(smollm2, prompts, continuations, hf_logits):
+    """At every step transformers' most likely next token, given the same prefix, is the one we chose: so its
+    greedy decoding produces exactly our 32 tokens."""
+    for ids, ours, ref in zip(prompts, continuations, hf_logits):
+        assert len(ours) == 32
+        assert ref[len(ids) - 1: -1].argmax(-1).tolist() == ours, smollm2.decode(ours)
+    assert "Paris" in smollm2.decode(continuations[0]) and "Paris" in smollm2.decode(continuations[-1])
+
+
+def test_greedy_chat_answer_equals_hf_generate(smollm2, hf, prompts, continuations):
+    ids = prompts[-1]
+    hf.generation_config.eos_token_id, hf.generation_config.pad_token_id = None, 2
+    ref = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                      do_sample=False, max_new_tokens=32)[0, len(ids):].tolist()
+    assert ref == continuations[-1]
