@@ -1,0 +1,1 @@
+"""Training: pretraining from scratch, supervised fine-tuning on chats (full or LoRA), export."""
