@@ -160,6 +160,7 @@ class Engine:
         self._caches = [layer.attn.cache for layer in model.layers]  # ours, reinstalled if someone swaps them
         self.sampler = Sampler([SamplingParams()] * slots, model.cfg.vocab_size, self.device)
         self.stats = EngineStats()
+        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps, for tokens_per_second
         self._waiting: deque[Handle] = deque()
         self._ids = itertools.count()
         self._lock = threading.Lock()
@@ -190,7 +191,8 @@ class Engine:
         with self._cond:
             if self._closed:
                 raise MMChatError("the engine is shut down")
-            if len(self._waiting) >= self.max_queue:
+            free = sum(s.handle is None for s in self.slots)  # waiting requests the loop has yet to admit
+            if len(self._waiting) >= self.max_queue + free:
                 self.stats.rejected += 1
                 raise EngineBusy(f"the server is busy ({len(self._waiting)} requests waiting); retry shortly")
             handle = Handle(self, next(self._ids), list(prompt), params, seq, channel)
@@ -202,6 +204,11 @@ class Engine:
     def generate(self, prompt: list[int], params: SamplingParams) -> list[int]:
         """One request, waited for: its new tokens, an end-of-sequence token excluded."""
         return self.submit(prompt, params).tokens()
+
+    def tokens_per_second(self, window: float = 10.0) -> float:
+        """Generated tokens per second over the last `window` seconds, all requests together."""
+        cutoff = time.perf_counter() - window
+        return sum(n for t, n in list(self._recent) if t >= cutoff) / window
 
     @property
     def queue_length(self) -> int:
@@ -350,6 +357,9 @@ class Engine:
             top = list(zip(top_ids.tolist(), top_vals.tolist()))
         ids, lps = next_tokens.tolist(), chosen.tolist()  # the one host sync per step
         now = time.perf_counter()
+        self._recent.append((now, len(slots)))
+        while self._recent and self._recent[0][0] < now - 60:
+            self._recent.popleft()
         for i, s in enumerate(slots):
             h = s.handle
             h.generated.append(ids[i])
