@@ -37,15 +37,19 @@ def test_bpe_and_shards_round_trip(bpe, tmp_path):
 def test_batches_depend_only_on_step_and_split_by_rank(bpe, tmp_path):
     bin_path = tokenize_to_shards([str(CORPUS)], bpe, tmp_path, eos_id=None, progress=False)
     shards = TokenShards(bin_path, seq_len=32, seed=3)
-    x1, y1, m1 = shards.train_batch(step=5, micro=1, n_micro=2, batch_size=4)
-    x2, _, _ = shards.train_batch(step=5, micro=1, n_micro=2, batch_size=4)
-    x3, _, _ = shards.train_batch(step=6, micro=1, n_micro=2, batch_size=4)
+    x1, y1, m1 = shards.train_batch(step=5, micro=0, n_micro=1, batch_size=4)
+    x2, _, _ = shards.train_batch(step=5, micro=0, n_micro=1, batch_size=4)
+    x3, _, _ = shards.train_batch(step=6, micro=0, n_micro=1, batch_size=4)
     assert torch.equal(x1, x2) and not torch.equal(x1, x3)
     assert torch.equal(x1[:, 1:], y1[:, :-1]) and m1.all()  # targets are the inputs shifted by one
     # two ranks with 2 rows each see exactly the rows one process with 4 rows sees
-    r0, _, _ = shards.train_batch(5, 1, 2, batch_size=2, rank=0, world=2)
-    r1, _, _ = shards.train_batch(5, 1, 2, batch_size=2, rank=1, world=2)
+    r0, _, _ = shards.train_batch(5, 0, 1, batch_size=2, rank=0, world=2)
+    r1, _, _ = shards.train_batch(5, 0, 1, batch_size=2, rank=1, world=2)
     assert torch.equal(torch.cat([r0, r1]).sort(dim=0).values, x1.sort(dim=0).values)
+    # and so do two micro-batches of 2 rows
+    m0, _, _ = shards.train_batch(5, 0, 2, batch_size=2)
+    m1_, _, _ = shards.train_batch(5, 1, 2, batch_size=2)
+    assert torch.equal(torch.cat([m0, m1_]), x1)
     # eval windows come from the held-out tail only
     ex, _, _ = next(shards.eval_batches(1, 2))
     tail = torch.from_numpy(np.asarray(shards.ids[shards.train_end:], dtype=np.int64))

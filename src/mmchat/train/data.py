@@ -142,11 +142,14 @@ class TokenShards:
         return rows[:, :-1], rows[:, 1:]  # inputs (B, T), targets (B, T)
 
     def train_batch(self, step: int, micro: int, n_micro: int, batch_size: int, rank: int = 0, world: int = 1):
-        """Micro-batch `micro` (of `n_micro`) of optimizer step `step` for `rank`: the global batch of the step is
-        batch_size * world rows drawn by a generator seeded with (seed, step, micro); each rank takes its rows."""
-        rng = np.random.default_rng([self.seed, step, micro])
-        starts = rng.integers(0, self.train_end - self.seq_len - 1, size=batch_size * world)
-        x, y = self._rows(starts[rank::world])
+        """Micro-batch `micro` (of `n_micro`) of optimizer step `step` for `rank`. A generator seeded with
+        (seed, step) draws the step's batch_size * world * n_micro windows; micro-batch m takes the m-th slice of
+        batch_size * world and each rank every world-th row of it. So 1 x 4 rows, 2 micro-batches x 2 rows and
+        2 ranks x 2 rows all train on the same 4 windows per step."""
+        rng = np.random.default_rng([self.seed, step])
+        per_micro = batch_size * world
+        starts = rng.integers(0, self.train_end - self.seq_len - 1, size=per_micro * n_micro)
+        x, y = self._rows(starts[micro * per_micro:(micro + 1) * per_micro][rank::world])
         return x, y, torch.ones_like(y, dtype=torch.bool)
 
     def eval_batches(self, n_batches: int, batch_size: int):

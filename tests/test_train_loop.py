@@ -1,0 +1,153 @@
+"""The training loop: pretraining learns, resume continues exactly, accumulation and DDP give the same curve as one
+big batch, checkpoints survive kill -9, Ctrl-C saves, and bad settings fail with one line."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmchat.cli import main
+from mmchat.errors import MMChatError
+from mmchat.train.loop import TrainConfig, atomic_save, load_checkpoint_file
+from mmchat.train.pretrain import pretrain
+
+CORPUS = str(resources.files("mmchat") / "data" / "tiny_corpus.txt")
+
+
+def small_cfg(**kw):
+    base = dict(max_steps=6, batch_size=4, seq_len=32, lr=3e-3, min_lr=3e-4, warmup_steps=2, eval_every=0,
+                eval_batches=2, save_every=0, progress=False, seed=7)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def losses(result):
+    return [h["loss"] for h in result["history"]]
+
+
+@pytest.mark.slow
+def test_pretraining_beats_unigram_entropy(tmp_path):
+    """A 0.1M-parameter GPT on a 12 KB corpus: held-out loss ends well below the corpus's unigram entropy (what a
+    model that ignores context reaches), so it learnt to use context."""
+    cfg = small_cfg(max_steps=150, batch_size=16, seq_len=64, warmup_steps=15, eval_every=75, eval_batches=4)
+    result = pretrain("tiny", [CORPUS], tmp_path / "run", cfg)
+    entropy, final = result["unigram_entropy"], result["evals"][-1]["loss"]
+    assert final < entropy - 0.6, (final, entropy)
+    assert result["evals"][0]["loss"] > final  # still improving between the two evals
+    assert (tmp_path / "run" / "tb").is_dir() and any((tmp_path / "run" / "tb").iterdir())
+
+
+def test_resume_continues_exactly(tmp_path):
+    full = pretrain("tiny", [CORPUS], tmp_path / "full", small_cfg(max_steps=6))
+    half = pretrain("tiny", [CORPUS], tmp_path / "half", small_cfg(max_steps=3))
+    assert losses(half) == losses(full)[:3]
+    resumed = pretrain("tiny", [CORPUS], tmp_path / "half", small_cfg(max_steps=6), resume=True)
+    assert losses(resumed) == losses(full)  # the same curve, to the last bit
+    a = load_checkpoint_file(tmp_path / "full" / "checkpoint.pt")["model"]
+    b = load_checkpoint_file(tmp_path / "half" / "checkpoint.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(MMChatError, match="already holds a checkpoint"):
+        pretrain("tiny", [CORPUS], tmp_path / "full", small_cfg(max_steps=6))
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    big = pretrain("tiny", [CORPUS], tmp_path / "big", small_cfg(max_steps=4, batch_size=4, grad_accum=1))
+    acc = pretrain("tiny", [CORPUS], tmp_path / "acc", small_cfg(max_steps=4, batch_size=1, grad_accum=4))
+    assert losses(acc) == pytest.approx(losses(big), abs=1e-5)
+    assert losses(big)[-1] < losses(big)[0]
+
+
+@pytest.mark.slow
+def test_kill_9_mid_save_leaves_the_previous_checkpoint(tmp_path):
+    """A process saving a 40 MB checkpoint over and over is killed at random moments; what is on disk always loads
+    and is one of the complete versions."""
+    path = tmp_path / "checkpoint.pt"
+    atomic_save({"version": -1, "w": torch.zeros(10)}, path)
+    script = (f"import torch, sys; from mmchat.train.loop import atomic_save\n"
+              f"w = torch.randn(10_000_000)\n"
+              f"for i in range(10_000):\n"
+              f"    atomic_save({{'version': i, 'w': w}}, {str(path)!r}); print(i, flush=True)\n")
+    for delay in (0.5, 1.3):
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        proc.stdout.readline()  # at least one save finished
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        ckpt = load_checkpoint_file(path)
+        assert ckpt["version"] >= 0 and ckpt["w"].shape == (10_000_000,)
+
+
+def run_cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "mmchat", *args], capture_output=True, text=True, timeout=300, **kw)
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_and_resume_continues(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "mmchat", "train", "pretrain", "--config", "tiny", "--data", CORPUS,
+                             "--out", str(out), "--max-steps", "100000", "--batch-size", "2", "--seq-len", "32",
+                             "--save-every", "0", "--eval-every", "0", "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # wait until training has started (the TensorBoard folder appears once the loop begins)
+    deadline = time.time() + 120
+    while not (out / "tb").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(2)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    assert "continue with --resume" in output
+    step = load_checkpoint_file(out / "checkpoint.pt")["step"]
+    assert 0 < step < 100000
+    r = run_cli("train", "pretrain", "--config", "tiny", "--data", CORPUS, "--out", str(out), "--max-steps",
+                str(step + 2), "--batch-size", "2", "--seq-len", "32", "--eval-every", "0", "--no-progress",
+                "--resume")
+    assert r.returncode == 0, r.stderr
+    ckpt = load_checkpoint_file(out / "checkpoint.pt")
+    assert ckpt["step"] == step + 2 and [h["step"] for h in ckpt["history"]] == list(range(step + 2))
+
+
+def test_bad_input_fails_with_one_line(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    cases = [
+        (["train", "pretrain", "--config", "tiny", "--data", str(empty)], "is empty"),
+        (["train", "pretrain", "--config", "nope", "--data", CORPUS], "unknown config 'nope'"),
+        (["train", "pretrain", "--config", "gpt2", "--data", CORPUS, "--batch-size", "100000", "--seq-len", "1024"],
+         "GiB but"),
+        (["train", "sft", "--model", "smollm2", "--data", str(empty)], "is empty"),
+        (["export", str(tmp_path), "--to", "hf", "--out", str(tmp_path / "x")], "holds no checkpoint.pt"),
+    ]
+    for args, message in cases:
+        if args[0] == "train":
+            args = args + ["--out", str(tmp_path / "o"), "--no-progress"]
+        assert main(args) == 2, args
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], (args, lines)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one(tmp_path):
+    """DDP with 2 processes x 2 rows gives the loss curve of 1 process x 4 rows (gloo on CPU)."""
+    common = ["train", "pretrain", "--config", "tiny", "--data", CORPUS, "--max-steps", "5", "--seq-len", "32",
+              "--lr", "3e-3", "--warmup-steps", "2", "--eval-every", "0", "--no-progress", "--seed", "7"]
+    one = run_cli(*common, "--batch-size", "4", "--out", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29533", "-m", "mmchat", *common, "--batch-size", "2",
+                          "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=300, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    h1 = load_checkpoint_file(tmp_path / "one" / "checkpoint.pt")["history"]
+    h2 = load_checkpoint_file(tmp_path / "two" / "checkpoint.pt")["history"]
+    l1, l2 = [h["loss"] for h in h1], [h["loss"] for h in h2]
+    assert l2 == pytest.approx(l1, abs=1e-5)
+    assert l2[-1] < l2[0]
+    w1 = load_checkpoint_file(tmp_path / "one" / "checkpoint.pt")["model"]
+    w2 = load_checkpoint_file(tmp_path / "two" / "checkpoint.pt")["model"]
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
