@@ -20,7 +20,7 @@ CORPUS = str(resources.files("mmchat") / "data" / "tiny_corpus.txt")
 
 
 def small_cfg(**kw):
-    base = dict(max_steps=6, batch_size=4, seq_len=32, lr=3e-3, min_lr=3e-4, warmup_steps=2, eval_every=0,
+    base = dict(max_steps=6, batch_size=4, seq_len=32, lr=3e-3, min_lr=3e-4, warmup_steps=1, eval_every=0,
                 eval_batches=2, save_every=0, progress=False, seed=7)
     base.update(kw)
     return TrainConfig(**base)
@@ -44,7 +44,7 @@ def test_pretraining_beats_unigram_entropy(tmp_path):
 
 def test_resume_continues_exactly(tmp_path):
     full = pretrain("tiny", [CORPUS], tmp_path / "full", small_cfg(max_steps=6))
-    half = pretrain("tiny", [CORPUS], tmp_path / "half", small_cfg(max_steps=3))
+    half = pretrain("tiny", [CORPUS], tmp_path / "half", small_cfg(max_steps=6, stop_at=3))  # "interrupted"
     assert losses(half) == losses(full)[:3]
     resumed = pretrain("tiny", [CORPUS], tmp_path / "half", small_cfg(max_steps=6), resume=True)
     assert losses(resumed) == losses(full)  # the same curve, to the last bit

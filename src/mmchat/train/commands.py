@@ -40,6 +40,8 @@ def _common(p: argparse.ArgumentParser):
                    help="bf16 autocast or fp32 (auto: bf16 on a GPU that has it, else fp32)")
     g.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     g.add_argument("--resume", action="store_true", help="continue the checkpoint in --out exactly where it stopped")
+    g.add_argument("--stop-at", type=int, default=0, help="stop and save after step N, to continue later with "
+                                                          "--resume (the schedule still runs to --max-steps)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -89,7 +91,7 @@ def train_config(args, column: int):
                        warmup_steps=pick("warmup_steps"), weight_decay=pick("weight_decay"),
                        grad_clip=args.grad_clip, eval_every=args.eval_every, eval_batches=args.eval_batches,
                        save_every=args.save_every, seed=args.seed, precision=args.precision, device=args.device,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, stop_at=args.stop_at)
 
 
 def _check_positive(args):

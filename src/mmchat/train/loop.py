@@ -47,6 +47,7 @@ class TrainConfig:
     precision: str = "auto"      # fp32, bf16 (autocast), or auto: bf16 on a GPU that has it, fp32 on CPU
     device: str = "auto"
     progress: bool = True
+    stop_at: int = 0             # stop and save after this step, as an interruption would (0: run to max_steps)
     extra: dict = field(default_factory=dict)
 
     def lr_at(self, step: int) -> float:
@@ -307,7 +308,8 @@ class Trainer:
                    disable=not (cfg.progress and self.d.main), dynamic_ncols=True)
         self.model.train()
         try:
-            while self.step < cfg.max_steps and not self.stop_requested:
+            end = min(cfg.max_steps, cfg.stop_at) if cfg.stop_at else cfg.max_steps
+            while self.step < end and not self.stop_requested:
                 record = self._train_step(self.step)
                 self.history.append(record)
                 self.step += 1
@@ -322,7 +324,9 @@ class Trainer:
                 if cfg.save_every and self.step % cfg.save_every == 0:
                     self.save()
                 self.stop_requested = self._agree_to_stop()
-            if not self.stop_requested:
+            if self.step < cfg.max_steps:
+                self.stop_requested = True  # stopped early (stop_at): a later --resume continues the schedule
+            else:
                 self._on_eval(self.step)
             self.save()
             if self.stop_requested and self.d.main:
