@@ -133,6 +133,27 @@ def cmd_explain(args):
         print(f"wrote {path}")
 
 
+def cmd_train(args):
+    """Train: `train pretrain` a GPT from scratch on text, or `train sft` a model on chat conversations."""
+    from .train.commands import run_train
+    run_train(args)
+
+
+def cmd_export(args):
+    """Export a training run (mmchat train --out DIR) as a HuggingFace folder or a GGUF file."""
+    from .train.commands import run_export
+    run_export(args)
+
+
+def cmd_serve(args):
+    """Serve a model over an OpenAI-compatible HTTP API (and the web chat page at /) on loopback by default."""
+    import os
+    from .serve.app import serve
+    serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("MMCHAT_API_KEY"),
+          slots=args.slots, max_len=args.context, max_queue=args.queue,
+          log=lambda line: print(line, file=sys.stderr, flush=True))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmchat", description="A local, private chat assistant.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -153,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", type=int, help="layer of the large single-head map (default: the last)")
     p.add_argument("--head", type=int, help="head of the large single-head map (default: 0)")
     add("rm", cmd_rm).add_argument("name")
+    from .train.commands import add_export_arguments, add_train_arguments
+    add_train_arguments(add("train", cmd_train))
+    add_export_arguments(add("export", cmd_export))
     p = add("generate", cmd_generate, model=True)
     p.add_argument("text")
     p.add_argument("--chat", action="store_true", help="wrap TEXT as one user message in the chat template")
@@ -160,6 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("chat", cmd_chat, model=True)
     p.add_argument("--system", help="system prompt")
     _add_sampling(p)
+    p = add("serve", cmd_serve, model=True)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $MMCHAT_API_KEY, else none)")
+    p.add_argument("--slots", type=int, default=8, help="sequences decoded together (default: 8)")
+    p.add_argument("--context", type=int, default=2048, help="tokens per sequence, prompt + answer (default: 2048)")
+    p.add_argument("--queue", type=int, default=64, help="requests that may wait for a slot (default: 64)")
     return parser
 
 
