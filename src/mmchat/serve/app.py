@@ -137,7 +137,7 @@ class Metrics:
 
 
 def create_app(llm: LLM, model_name: str, api_key: str | None = None, slots: int = 8,
-               max_len: int | None = None, max_queue: int = 64) -> FastAPI:
+               max_len: int | None = None, max_queue: int = 64, store_path: str | Path | None = None) -> FastAPI:
     engine = llm.start_engine(slots=slots, max_len=max_len, max_queue=max_queue)
     tokens = TokenInfo(llm.tokenizer)
     metrics = Metrics()
@@ -158,7 +158,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, slots: int
     @app.middleware("http")
     async def guard(request: Request, call_next):
         path = request.url.path
-        if api_key and (path.startswith("/v1/") or path == "/metrics"):
+        if api_key and (path.startswith(("/v1/", "/api/")) or path == "/metrics"):
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
                 err = oa.APIError(401, "invalid or missing API key; send 'Authorization: Bearer <key>'",
@@ -449,6 +449,85 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, slots: int
             yield oa.sse("[DONE]")
 
         return streaming(stream())
+
+    # -- the web page's own data: saved conversations and presets ------------------------------------------------
+    stores = []
+
+    def store():
+        """The conversation store (SQLite under $MMCHAT_HOME), opened on first use."""
+        if not stores:
+            from ..chat.store import Store
+            try:
+                stores.append(Store(store_path))
+            except MMChatError as e:
+                raise oa.APIError(500, str(e), type="server_error") from None
+        return stores[0]
+
+    def conversation_fields(body) -> tuple[dict, list]:
+        from ..chat.store import StoredMessage
+        if not isinstance(body, dict) or not isinstance(body.get("messages", []), list):
+            raise oa.APIError(400, "a conversation is a JSON object with a 'messages' list")
+        messages = []
+        for i, m in enumerate(body.get("messages", [])):
+            if not isinstance(m, dict) or m.get("role") not in ("user", "assistant") \
+                    or not isinstance(m.get("content"), str):
+                raise oa.APIError(400, f"messages.{i} needs a role (user or assistant) and text content",
+                                  f"messages.{i}")
+            messages.append(StoredMessage(m["role"], m["content"], m.get("meta") or {}))
+        fields = {k: body[k] for k in ("title", "system", "preset", "settings", "model") if body.get(k) is not None}
+        if not isinstance(fields.get("settings", {}), dict):
+            raise oa.APIError(400, "'settings' must be an object", "settings")
+        return fields, messages
+
+    def find(cid: str) -> str:
+        try:
+            return store().resolve(cid)
+        except MMChatError as e:
+            raise oa.APIError(404, str(e), code="not_found") from None
+
+    @app.get("/api/conversations")
+    async def list_conversations(q: str = "", limit: int = 100):
+        items = store().list(limit=max(1, min(limit, 1000)) if not q else 1000)
+        if q:  # search titles and message text, case-insensitively
+            needle = q.lower()
+            items = [c for c in items if needle in c["title"].lower()
+                     or any(needle in m.content.lower() for m in store().get(c["id"]).messages)][:limit]
+        return items
+
+    @app.post("/api/conversations")
+    async def create_conversation(request: Request):
+        fields, messages = conversation_fields(await read_json(request))
+        conv = store().create(**{k: v for k, v in fields.items() if k != "title"}, title=fields.get("title", ""))
+        store().replace(conv.id, messages)
+        return {"id": conv.id}
+
+    @app.get("/api/conversations/{cid}")
+    async def get_conversation(cid: str):
+        return store().get(find(cid)).to_dict()
+
+    @app.put("/api/conversations/{cid}")
+    async def put_conversation(cid: str, request: Request):
+        fields, messages = conversation_fields(await read_json(request))
+        full = find(cid)
+        if fields:
+            store().update(full, **fields)
+        store().replace(full, messages)
+        return {"id": full}
+
+    @app.delete("/api/conversations/{cid}")
+    async def delete_conversation(cid: str):
+        store().delete(find(cid))
+        return {"id": cid, "deleted": True}
+
+    @app.get("/api/presets")
+    async def presets():
+        try:
+            from ..chat import presets as chat_presets
+            found = chat_presets.available()
+        except (ImportError, MMChatError):
+            return []
+        return [{"name": name, "description": p.description, "system": p.system_prompt, "sampling": p.sampling}
+                for name, p in sorted(found.items())]
 
     @app.get("/")
     async def index():
