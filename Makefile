@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --quiet --disable-pip-version-check
 
-.PHONY: chat test test-fast install clean
+.PHONY: chat test test-fast install browser clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -19,7 +19,13 @@ install: $(VENV)/.installed
 chat: $(VENV)/.installed
 	$(VENV)/bin/mmchat chat
 
-test: $(VENV)/.installed
+# the web page test drives Debian's chromium through playwright (never `playwright install`); get it if missing
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { command -v apt-get >/dev/null 2>&1 && apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "chromium is not installed and could not be: the web page test will be skipped"
+
+test: $(VENV)/.installed browser
 	$(PY) -m pytest -q
 
 test-fast: $(VENV)/.installed
