@@ -20,7 +20,8 @@ def load_base(model: str):
     if path.is_dir() and (path / CHECKPOINT).exists():
         from .export import load_run
         return load_run(path)
-    return LLM.load(model, progress=False)
+    # trained in float32 with plain weights: no bf16 or weight-only quantization, which inference may choose
+    return LLM.load(model, dtype=torch.float32, quant=None, device="cpu", progress=False)
 
 
 def tokenizer_meta(tokenizer) -> dict:

@@ -1,0 +1,124 @@
+"""Training throughput, side by side in one process: mmchat's training step against HF transformers (and peft for
+LoRA) on the same model (SmolLM2-135M, dequantized to fp32), the same token rows, the same batch.
+
+    python benchmarks/train_speed.py --steps 6 --batch 4 --seq 256
+
+Each variant runs --warmup untimed steps, then --steps timed ones; the table shows the median tokens/s of a step
+(forward, loss, backward, gradient clipping, AdamW step). Other processes on the machine change the figures, so
+compare the rows of one run, not runs of different days.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def rows(vocab: int, batch: int, seq: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, seq + 1), generator=g)  # (B, T+1)
+    return ids[:, :-1], ids[:, 1:]
+
+
+def timed(step, warmup: int, steps: int, tokens: int) -> float:
+    for _ in range(warmup):
+        step()
+    speeds = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        speeds.append(tokens / (time.perf_counter() - t0))
+    return statistics.median(speeds)
+
+
+def mmchat_variant(folder: str, lora: bool, x, y, args) -> float:
+    import mmchat
+    from mmchat.train.loop import Trainer, TrainConfig
+    from mmchat.train.lora import apply_lora, lora_state
+
+    llm = mmchat.load(folder, dtype=torch.float32, quant=None, progress=False, cache=False)
+    model = llm.model.train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    if lora:
+        apply_lora(model, rank=8, alpha=16, targets="q,k,v,o")
+
+    class Rows:  # the same rows every step
+        def train_batch(self, step, micro, n_micro, batch_size, rank=0, world=1):
+            return x, y, torch.ones_like(y, dtype=torch.bool)
+
+    cfg = TrainConfig(batch_size=x.size(0), seq_len=x.size(1), lr=1e-5, warmup_steps=1, precision=args.precision,
+                      device="cpu", progress=False)
+    with tempfile.TemporaryDirectory() as out:
+        trainer = Trainer(model, Rows(), cfg, out, meta={}, state_fn=lora_state if lora else None)
+        step = iter(range(10**9))
+        return timed(lambda: trainer._train_step(next(step)), args.warmup, args.steps, x.numel())
+
+
+def hf_variant(folder: str, lora: bool, x, y, args) -> float:
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
+    model.train()
+    if lora:
+        from peft import LoraConfig, get_peft_model
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if args.precision == "bf16" else torch.autocast(
+        "cpu", enabled=False)
+
+    def step():
+        with autocast:
+            logits = model(input_ids=x).logits  # (B, T, V)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())  # what Trainer's loss computes
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return timed(step, args.warmup, args.steps, x.numel())
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    ap.add_argument("--only", default="mmchat-full,hf-full,mmchat-lora,hf-peft-lora")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import mmchat
+    from mmchat.train.export import write_hf
+    base = mmchat.load(args.model, dtype=torch.float32, quant=None, progress=False)
+    x, y = rows(base.config.vocab_size, args.batch, args.seq)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = f"{tmp}/hf"
+        write_hf(base, folder)  # one fp32 copy of the weights that both libraries load
+        del base
+        variants = {"mmchat-full": lambda: mmchat_variant(folder, False, x, y, args),
+                    "hf-full": lambda: hf_variant(folder, False, x, y, args),
+                    "mmchat-lora": lambda: mmchat_variant(folder, True, x, y, args),
+                    "hf-peft-lora": lambda: hf_variant(folder, True, x, y, args)}
+        for name in args.only.split(","):
+            results[name] = variants[name]()
+            print(f"{name:<14} {results[name]:8.1f} tok/s", flush=True)
+    print(f"\nbatch {args.batch} x {args.seq}, {args.precision}, {torch.get_num_threads()} threads, median of "
+          f"{args.steps} steps")
+    for kind, ours, theirs in (("full", "mmchat-full", "hf-full"), ("lora", "mmchat-lora", "hf-peft-lora")):
+        if ours in results and theirs in results:
+            print(f"{kind}: mmchat {results[ours]:.1f} tok/s, HF {results[theirs]:.1f} tok/s, "
+                  f"{results[ours] / results[theirs]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
