@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import atexit
 import queue
+import sys
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Iterator
 
 import torch
+import torch.nn as nn
 
 from . import registry
 from .chat.template import ChatTemplate
@@ -45,6 +47,57 @@ def build_model(config, tensors: dict[str, torch.Tensor], dtype=torch.float32, d
     if config.tie_embeddings:
         model.lm_head.weight = model.tok_embeddings.weight
     return model.eval()
+
+
+def _cache_meta(model: Transformer, tok: Tokenizer, template: str | None, dtype, quant) -> dict:
+    from . import quantize
+    kinds = {}
+    if quant:
+        kinds = {name: "int4" if isinstance(mod, quantize.Int4Linear) else "int8"
+                 for name, mod in model.named_modules() if isinstance(mod, (quantize.Int4Linear,
+                                                                            quantize.Int8Linear))}
+        kinds["tok_embeddings"] = "int8"
+    return {"config": model.cfg.to_dict(), "dtype": str(dtype).removeprefix("torch."), "quant": quant,
+            "kinds": kinds, "chat_template": template, "tokenizer": tok.tok.to_str(),
+            "bos_token_id": tok.bos_token_id, "eos_token_ids": tok.eos_token_ids, "add_bos": tok.add_bos}
+
+
+def _uninitialized(cfg) -> Transformer:
+    """Our Transformer with allocated but untouched weights (no random init, no RSS): every tensor is replaced
+    on load. Not the meta device: its first use imports torch's compiler stack, seconds on a small CPU."""
+    skipped = (nn.Linear, nn.Embedding, nn.LayerNorm)
+    saved = [c.reset_parameters for c in skipped]
+    for c in skipped:
+        c.reset_parameters = lambda self: None
+    try:
+        return Transformer(cfg)
+    finally:
+        for c, f in zip(skipped, saved):
+            c.reset_parameters = f
+
+
+def _from_cache(meta: dict, tensors: dict[str, torch.Tensor], device):
+    """The model, tokenizer and chat template from a converted-weights cache entry (tensors memory-mapped),
+    or None when the entry does not fill the model."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from . import quantize
+    from .config import ModelConfig
+    cfg = ModelConfig(**meta["config"])
+    dtype = quantize.DTYPES[meta["dtype"]]
+    model = _uninitialized(cfg)
+    if meta["quant"]:
+        quantize.restructure(model, meta["kinds"], dtype, "meta")
+    model.load_state_dict({k: v.to(device) for k, v in tensors.items()}, strict=False, assign=True)
+    if meta["quant"]:
+        quantize.tie(model)
+    elif cfg.tie_embeddings:
+        model.lm_head.weight = model.tok_embeddings.weight
+    if any(t.is_meta for t in model.state_dict().values()):
+        return None  # an entry from another layout: convert again
+    tok = Tokenizer(HFTokenizer.from_str(meta["tokenizer"]), meta["bos_token_id"], meta["eos_token_ids"],
+                    meta["add_bos"])
+    return model.eval(), tok, meta["chat_template"]
 
 
 def sampling_params(defaults: dict, **kwargs) -> SamplingParams:
@@ -97,18 +150,49 @@ class LLM:
         self._engine: Engine | None = None
 
     @classmethod
-    def load(cls, model: str = registry.DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str = "cpu",
-             progress: bool = True) -> "LLM":
-        """A model name (`smollm2`, pulled if missing), a GGUF file or a HuggingFace folder."""
+    def load(cls, model: str = registry.DEFAULT_MODEL, dtype: torch.dtype | str | None = None,
+             device: str | None = None, progress: bool = True, quant: str | None = "auto",
+             cache: bool = True) -> "LLM":
+        """A model name (`smollm2`, pulled if missing), a GGUF file or a HuggingFace folder.
+        dtype (None/'auto', 'float32', 'bfloat16'...), quant ('auto', None/'none', 'int8', 'int4', 'gguf') and
+        device (None: a CUDA GPU when there is one, else the CPU) default to the fastest choice for the machine
+        (see mmchat.quantize.choose); models under 50M parameters run in float32 as they are. The converted
+        weights are cached under mmchat's cache dir, so later loads memory-map them (cache=False: neither
+        read nor write the cache)."""
+        from . import quantize
+        from .formats import cache as weights_cache
         start = time.perf_counter()
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype, quant = quantize.parse_dtype(dtype), quantize.parse_quant(quant)
+        if torch.device(device).type == "cpu" and torch.get_num_threads() != quantize.physical_cores():
+            torch.set_num_threads(quantize.physical_cores())
         path = registry.resolve(model, progress=progress)
-        ckpt = load_checkpoint(path)
-        tok = ckpt.tokenizer
+        dev_type = torch.device(device).type
+        variant = f"{dev_type}-{str(dtype or 'auto').removeprefix('torch.')}-{quant}"
+        root = registry.home() / "converted"
+        hit = weights_cache.load(root, path, variant) if cache else None
+        built = _from_cache(*hit, device) if hit is not None else None
+        if built is not None:
+            net, tok, template = built
+        else:
+            if progress and cache and Path(path).is_file() and Path(path).stat().st_size > 50e6:
+                print(f"converting {Path(path).name} for this machine (once; cached under {root}) ...",
+                      file=sys.stderr, flush=True)
+            ckpt = load_checkpoint(path)
+            tok, template = ckpt.tokenizer, ckpt.chat_template
+            is_q4 = lambda: Path(path).is_file() and quantize.gguf_has_q4(path)  # noqa: E731
+            dtype, quant = quantize.choose(dev_type, dtype, quant, ckpt.config.n_params, is_q4)
+            net = build_model(ckpt.config, ckpt.tensors, dtype, device)
+            del ckpt
+            if quant:
+                quantize.quantize(net, quant, str(path) if quant == "gguf" else None)
+            if cache and net.cfg.n_params >= quantize.FAST_PATH_MIN_PARAMS:  # small ones convert in no time
+                weights_cache.save(root, path, variant, quantize.state_dict_to_save(net),
+                                   _cache_meta(net, tok, template, dtype, quant))
         bos = tok.id_to_token(tok.bos_token_id) if tok.bos_token_id is not None else ""
         eos = tok.id_to_token(tok.eos_token_ids[0]) if tok.eos_token_ids else ""
-        llm = cls(build_model(ckpt.config, ckpt.tensors, dtype, device), tok,
-                  ChatTemplate(ckpt.chat_template, bos or "", eos or ""), name=model if not Path(model).exists()
-                  else Path(model).stem)
+        llm = cls(net, tok, ChatTemplate(template, bos or "", eos or ""),
+                  name=model if not Path(model).exists() else Path(model).stem)
         llm.load_seconds = time.perf_counter() - start
         return llm
 

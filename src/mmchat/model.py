@@ -52,6 +52,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        if x.dtype == torch.float32:  # one fused kernel instead of five small ops (decode is op-bound)
+            return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return (normed * self.weight.float()).to(x.dtype)
@@ -72,16 +74,18 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos, k, v, cache_rows=None):
+    def update(self, input_pos, k, v, cache_rows=None, length: int | None = None):
         """input_pos: (B, T); k, v: (B, n_kv, T, hs). Batch row b lives in cache row b, or in cache_rows[b]
-        when given (B,). Returns the keys and values those rows can see, (B, n_kv, S, hs) each."""
+        when given (B,). Returns the keys and values those rows can see in their first `length` slots (all
+        slots when None), (B, n_kv, S, hs) each."""
         B = k.size(0)
         rows = (torch.arange(B, device=k.device) if cache_rows is None else cache_rows)[:, None]  # (B, 1)
         self.k[rows, :, input_pos] = k.transpose(1, 2)  # slots (B, T) <- (B, T, n_kv, hs)
         self.v[rows, :, input_pos] = v.transpose(1, 2)
+        S = self.k.size(2) if length is None else length
         if cache_rows is None:
-            return self.k[:B], self.v[:B]  # views, no copy
-        return self.k[cache_rows], self.v[cache_rows]
+            return self.k[:B, :, :S], self.v[:B, :, :S]  # views, no copy
+        return self.k[cache_rows, :, :S], self.v[cache_rows, :, :S]
 
 
 class Attention(nn.Module):
@@ -105,7 +109,8 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if self.cache is not None:
-            k, v = self.cache.update(input_pos, k, v, cache_rows)  # (B, nkv, S, hs)
+            # the mask's width says how many leading slots can be seen: attend to those, not all of them
+            k, v = self.cache.update(input_pos, k, v, cache_rows, mask.size(-1) if mask is not None else None)
         if self.use_reference:
             groups = self.n_head // self.n_kv_head
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, nh, S, hs)
@@ -167,8 +172,8 @@ class Transformer(nn.Module):
         """Allocate a static cache for `batch_size` sequences of up to `max_len` positions each."""
         if max_len > self.cfg.max_seq_len:
             raise ValueError(f"cache of {max_len} positions exceeds the context window ({self.cfg.max_seq_len})")
-        dtype = dtype or self.tok_embeddings.weight.dtype
-        device = self.tok_embeddings.weight.device
+        dtype = dtype or self.norm.weight.dtype  # the compute dtype (norms are never quantized)
+        device = self.norm.weight.device
         for layer in self.layers:
             layer.attn.cache = KVCache(batch_size, self.cfg.n_kv_head, max_len, self.cfg.head_dim, dtype, device)
         self.cache_len = max_len
@@ -185,6 +190,15 @@ class Transformer(nn.Module):
             self._rope = tuple(t.to(device) for t in rope_tables(self.cfg.head_dim, self.cfg.max_seq_len,
                                                                  self.cfg.rope_theta))
         return self._rope
+
+    def attend_len(self, input_pos) -> int:
+        """How many leading cache slots this step must look at: past the highest position in `input_pos`,
+        rounded up to a multiple of 64 (few distinct shapes), so a short sequence in a long cache does not pay
+        for every slot. On the CPU reading the positions is free; elsewhere it would wait for the device, so
+        there every slot is attended to."""
+        if input_pos.device.type != "cpu":
+            return self.cache_len
+        return min(self.cache_len, (int(input_pos.max()) // 64 + 1) * 64)
 
     def set_reference_attention(self, on: bool = True):
         """Switch every layer to the written-out attention, which keeps each layer's weights in
@@ -217,7 +231,7 @@ class Transformer(nn.Module):
             rope = (cos[input_pos].unsqueeze(1).to(x.dtype), sin[input_pos].unsqueeze(1).to(x.dtype))  # (B,1,T,hs)
         mask = None  # None: plain causal attention over these T tokens
         if self.cache_len:
-            slots = torch.arange(self.cache_len, device=x.device)  # (S,)
+            slots = torch.arange(self.attend_len(input_pos), device=x.device)  # (S,)
             mask = (slots[None, None, :] <= input_pos[:, :, None]).unsqueeze(1)  # (B, 1, T, S)
         for layer in self.layers:
             x = layer(x, rope, input_pos, mask, cache_rows)

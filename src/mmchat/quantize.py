@@ -1,0 +1,393 @@
+"""Weight-only quantization as module surgery after loading: model.py never changes.
+
+Three schemes, all keeping activations, norms, attention and the KV cache in the compute dtype:
+  int8: every projection and the (tied) embedding/output table as int8 with one scale per output row
+        (torch._weight_int8pack_mm dequantizes on the fly: half the bytes of bf16 to stream per token);
+  int4: the block projections as int4 in groups of 32 along the input with a scale and a zero per group
+        (torch._weight_int4pack_mm_for_cpu), the embedding/output table as int8 (it is the most sensitive);
+  gguf: a GGUF file's own Q4_0/Q4_1 blocks kept as they are: a Q4_1 block of 32 weights w = d * q + m with
+        q in 0..15 is exactly int4 with scale d and zero m + 8d (the kernel computes (q - 8) * scale + zero);
+        Q4_0 is w = d * (q - 8), zero 0. Other tensors (Q8_0, K-quants, floats) become int8 per row.
+
+A quantized model's state dict holds int8/uint8 tensors plus float scales; `restructure` rebuilds the same
+modules on a model made on the meta device, so a saved state dict (the converted-weights cache) loads back with
+`load_state_dict(assign=True)` from memory-mapped tensors.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import MMChatError
+
+SCHEMES = ("int8", "int4", "gguf")
+GROUP = 32  # int4 group size along the input dimension (GGUF's block size)
+# From this many rows per matmul (prefill) the weights are dequantized for a float GEMM: the weight-only
+# kernels are built for a few rows (decode) and are several times slower than bf16 GEMMs on long prompts.
+PREFILL_ROWS = 32
+
+
+def cpu_int4_ok(n_out: int, n_in: int, group: int = GROUP) -> bool:
+    """The CPU int4 kernel wants the output size a multiple of 16 and the input a multiple of the group."""
+    return n_out % 16 == 0 and n_in % group == 0
+
+
+# -- modules ----------------------------------------------------------------------------------------------------
+class Int8Linear(nn.Module):
+    """y = x W^T (+ b) with W stored as int8 (N, K) and one scale per output row (N,)."""
+
+    def __init__(self, n_in: int, n_out: int, bias: bool, dtype, device=None):
+        super().__init__()
+        self.in_features, self.out_features = n_in, n_out
+        self.register_buffer("weight", torch.empty(n_out, n_in, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(n_out, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.empty(n_out, dtype=dtype, device=device)) if bias else None
+
+    def forward(self, x):
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        if x2.size(0) >= PREFILL_ROWS:  # many rows (prefill): a float GEMM beats the int8 kernel by far
+            y = F.linear(x2, self.weight.to(x.dtype)) * self.scales  # int8 values are exact in bf16
+        else:
+            y = torch._weight_int8pack_mm(x2, self.weight, self.scales)  # (M, N)
+        y = y.reshape(*x.shape[:-1], self.out_features)  # (..., N)
+        return y if self.bias is None else y + self.bias
+
+
+class Int4Linear(nn.Module):
+    """y = x W^T (+ b) with W as int4 packed by the CPU kernel, (N, K/2) uint8, and per group of `group`
+    inputs a scale and a zero, (K/group, N, 2): w = (q - 8) * scale + zero."""
+
+    def __init__(self, n_in: int, n_out: int, bias: bool, dtype, device=None, group: int = GROUP):
+        super().__init__()
+        self.in_features, self.out_features, self.group = n_in, n_out, group
+        self.register_buffer("weight", torch.empty(n_out, n_in // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales_and_zeros", torch.empty(n_in // group, n_out, 2, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.empty(n_out, dtype=dtype, device=device)) if bias else None
+
+    def forward(self, x):
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        if x2.size(0) >= PREFILL_ROWS and self.out_features % 64 == 0 and unpack_int4_ok():  # prefill: dequantize once, then a float GEMM
+            y = F.linear(x2, self.dequantize(x.dtype))
+        else:
+            y = torch._weight_int4pack_mm_for_cpu(x2, self.weight, self.group, self.scales_and_zeros)  # (M, N)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def dequantize(self, dtype) -> torch.Tensor:
+        """The float weight (N, K)."""
+        N, K, g = self.out_features, self.in_features, self.group
+        q = unpack_int4(self.weight, N, K).to(dtype).view(N, K // g, g)  # (N, G, g)
+        sz = self.scales_and_zeros.to(dtype)  # (G, N, 2)
+        scale, zero = sz[..., 0].t()[..., None], sz[..., 1].t()[..., None]  # (N, G, 1) each
+        return ((q - 8) * scale + zero).view(N, K)
+
+
+class Int8Embedding(nn.Module):
+    """A token table stored as int8 (V, d) with one scale per row (V,); rows are dequantized on lookup.
+    The same tensors serve a tied output head as an Int8Linear (a row of the table is a row of the head)."""
+
+    def __init__(self, vocab: int, dim: int, dtype, device=None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = vocab, dim
+        self.register_buffer("weight", torch.empty(vocab, dim, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(vocab, dtype=dtype, device=device))
+
+    def forward(self, tokens):
+        return F.embedding(tokens, self.weight).to(self.scales.dtype) * self.scales[tokens, None]  # (B, T, d)
+
+
+# -- quantizing float weights -----------------------------------------------------------------------------------
+def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: w (N, K) float -> q (N, K) int8, scale (N,) float32 with w ~ q * scale.
+    Each row's range is clipped to the fraction of its largest |w| that gives the smallest squared error:
+    one outlier otherwise coarsens the whole row."""
+    w = w.float()
+    peak = w.abs().amax(dim=1).clamp(min=1e-12)  # (N,)
+    best_err, best_scale = None, None
+    for frac in (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7):
+        scale = peak * frac / 127  # (N,)
+        err = ((w / scale[:, None]).round().clamp(-127, 127) * scale[:, None] - w).pow(2).sum(1)  # (N,)
+        if best_err is None:
+            best_err, best_scale = err, scale
+        else:
+            better = err < best_err
+            best_err, best_scale = torch.where(better, err, best_err), torch.where(better, scale, best_scale)
+    q = (w / best_scale[:, None]).round().clamp(-127, 127).to(torch.int8)  # (N, K)
+    return q, best_scale
+
+
+def int4_groups(w: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 per group of `group` inputs: w (N, K) -> q (N, K) in 0..15, scale and min (N, K/group),
+    with w ~ q * scale + min."""
+    N, K = w.shape
+    wg = w.float().reshape(N, K // group, group)  # (N, G, group)
+    lo, hi = wg.amin(-1), wg.amax(-1)  # (N, G)
+    scale = ((hi - lo) / 15).clamp(min=1e-12)
+    q = ((wg - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.uint8).reshape(N, K)
+    return q, scale, lo
+
+
+def pack_int4(q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (N, K) in 0..15, scale and min (N, G) -> the kernel's packed weight (N, K/2) uint8 and its
+    scales_and_zeros (G, N, 2) in `dtype`. w = q * s + m = (q - 8) * s + (m + 8 s)."""
+    packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)  # (N, K/2)
+    sz = torch.stack([scale, lo + 8 * scale], dim=-1).transpose(0, 1).contiguous()  # (G, N, 2)
+    return packed, sz.to(dtype)
+
+
+def unpack_int4(packed: torch.Tensor, n_out: int, n_in: int) -> torch.Tensor:
+    """The CPU kernel's packed layout back to q (N, K) uint8, for N a multiple of 64: rows in blocks of 64, and
+    for each block and input k, 32 bytes whose low nibbles are rows 0..31 and high nibbles rows 32..63.
+    `unpack_int4_ok` checks this layout against the running torch once; where it differs, or N is not a
+    multiple of 64, the kernel does every matmul."""
+    p = packed.view(n_out // 64, n_in, 32)  # (N/64, K, 32)
+    q = torch.cat([p & 0x0F, p >> 4], dim=-1)  # (N/64, K, 64)
+    return q.transpose(1, 2).reshape(n_out, n_in)  # (N, K)
+
+
+_UNPACK_OK: bool | None = None
+
+
+def unpack_int4_ok() -> bool:
+    global _UNPACK_OK
+    if _UNPACK_OK is None:
+        q = torch.randint(0, 16, (192, 128), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+        try:
+            packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+            _UNPACK_OK = packed.shape == (192, 64) and torch.equal(unpack_int4(packed, 192, 128).int(), q)
+        except RuntimeError:
+            _UNPACK_OK = False
+    return _UNPACK_OK
+
+
+# -- GGUF blocks kept -------------------------------------------------------------------------------------------
+def q4_blocks(data: np.ndarray, kind: str, shape: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+    """Raw GGUF Q4_0/Q4_1 rows (N, bytes) -> q (N, K) in 0..15, scale and min (N, K/32) float32.
+    Q4_1 block: d f16, m f16, 16 bytes; Q4_0 block: d f16, 16 bytes. Byte j holds element j in its low
+    nibble and element j + 16 in its high nibble."""
+    N, K = shape
+    head = 4 if kind == "Q4_1" else 2
+    blocks = np.ascontiguousarray(data).reshape(N, K // 32, head + 16)  # (N, G, bytes)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)  # (N, G)
+    if kind == "Q4_1":
+        m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    else:
+        m = -8 * d  # w = d * (q - 8) = d * q - 8 d
+    qs = blocks[..., head:]  # (N, G, 16)
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(N, K)  # (N, K)
+    return torch.from_numpy(q), torch.from_numpy(d), torch.from_numpy(m)
+
+
+def read_gguf_int4(path: str, cfg) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Our fused weight name -> (q, scale, min) for every projection whose GGUF parts are all Q4_0/Q4_1,
+    with llama.cpp's Q/K row order undone and Q/K/V, gate/up concatenated like the float loader does."""
+    from .formats import gguf as fmt
+    from .formats.names import to_ours
+    reader = fmt.open_gguf(path)
+    arch = fmt.field(reader, "general.architecture")
+    _, _, permuted = fmt.GGUF_ARCHS[arch]
+    parts: dict[str, dict[int, tuple | None]] = {}
+    for t in reader.tensors:
+        mapped = to_ours(t.name, "gguf")
+        if mapped is None or not mapped[0].endswith(".weight") or len(t.shape) != 2:
+            continue
+        ours, part = mapped
+        kind = t.tensor_type.name
+        if kind not in ("Q4_0", "Q4_1"):
+            parts.setdefault(ours, {})[part] = None
+            continue
+        K, N = (int(x) for x in t.shape)  # GGUF lists the fastest dimension first
+        q, d, m = q4_blocks(t.data, kind, (N, K))
+        for heads, suffix in ((cfg.n_head, "attn_q.weight"), (cfg.n_kv_head, "attn_k.weight")):
+            if permuted and t.name.endswith(suffix):
+                q, d, m = (fmt.unpermute_rope_rows(x, heads) for x in (q, d, m))
+        parts.setdefault(ours, {})[part] = (q, d, m)
+    out = {}
+    for name, p in parts.items():
+        if any(v is None for v in p.values()):
+            continue
+        ordered = [p[i] for i in sorted(p)]
+        out[name] = tuple(torch.cat([o[j] for o in ordered], dim=0) for j in range(3))
+    return out
+
+
+# -- surgery ----------------------------------------------------------------------------------------------------
+def _linears(model) -> list[tuple[nn.Module, str, str]]:
+    """(parent module, attribute, state-dict name) of every projection inside the blocks."""
+    found = []
+    for i, layer in enumerate(model.layers):
+        for parent, pname in ((layer.attn, "attn"), (layer.mlp, "mlp")):
+            for attr, child in parent.named_children():
+                if isinstance(child, (nn.Linear, Int8Linear, Int4Linear)):
+                    found.append((parent, attr, f"layers.{i}.{pname}.{attr}"))
+    return found
+
+
+def plan(model, scheme: str, int4_names: set[str] | None = None) -> dict[str, str]:
+    """State-dict prefix -> "int8" or "int4" for each projection, the table and the head."""
+    if scheme not in SCHEMES:
+        raise MMChatError(f"unknown quantization '{scheme}'; choose one of {', '.join(SCHEMES)} or none")
+    kinds = {}
+    for parent, attr, name in _linears(model):
+        mod = getattr(parent, attr)
+        n_out, n_in = mod.out_features, mod.in_features
+        want4 = scheme == "int4" or (scheme == "gguf" and f"{name}.weight" in (int4_names or set()))
+        kinds[name] = "int4" if want4 and cpu_int4_ok(n_out, n_in) else "int8"
+    kinds["tok_embeddings"] = "int8"
+    if not model.cfg.tie_embeddings:
+        kinds["lm_head"] = "int8"
+    return kinds
+
+
+def restructure(model, kinds: dict[str, str], dtype, device=None):
+    """Swap the float modules for empty quantized ones of the kinds in `kinds` (on the meta device when the
+    tensors come later from a state dict)."""
+    for parent, attr, name in _linears(model):
+        mod = getattr(parent, attr)
+        cls = Int4Linear if kinds.get(name) == "int4" else Int8Linear
+        setattr(parent, attr, cls(mod.in_features, mod.out_features, mod.bias is not None, dtype, device))
+    emb = model.tok_embeddings
+    model.tok_embeddings = Int8Embedding(emb.num_embeddings, emb.embedding_dim, dtype, device)
+    if "lm_head" in kinds:
+        head = model.lm_head
+        model.lm_head = Int8Linear(head.in_features, head.out_features, False, dtype, device)
+    return model  # a tied head is attached by `tie` once the table holds its tensors
+
+
+def tie(model):
+    """A tied output head reads the int8 token table itself: the same tensors, no copy."""
+    if model.cfg.tie_embeddings and isinstance(model.tok_embeddings, Int8Embedding):
+        emb = model.tok_embeddings
+        head = Int8Linear(emb.embedding_dim, emb.num_embeddings, False, emb.scales.dtype, emb.scales.device)
+        head.weight, head.scales = emb.weight, emb.scales
+        model.lm_head = head
+
+
+def state_dict_to_save(model) -> dict[str, torch.Tensor]:
+    """The model's tensors, a tied head left out (it is the table), each contiguous and owning its memory."""
+    sd = model.state_dict()
+    if model.cfg.tie_embeddings:
+        sd = {k: v for k, v in sd.items() if not k.startswith("lm_head.")}
+    return {k: v.contiguous() for k, v in sd.items()}
+
+
+@torch.no_grad()
+def quantize(model, scheme: str, gguf_path: str | None = None):
+    """Quantize a float model in place (weights already in the compute dtype) and return it."""
+    int4_blocks = read_gguf_int4(gguf_path, model.cfg) if scheme == "gguf" and gguf_path else {}
+    kinds = plan(model, scheme, set(int4_blocks))
+    dtype, device = model.norm.weight.dtype, model.norm.weight.device
+    if device.type != "cpu":
+        raise MMChatError("weight-only int8/int4 kernels run on the CPU only; on a GPU use bf16 weights")
+    old = {name: getattr(parent, attr) for parent, attr, name in _linears(model)}
+    table = model.tok_embeddings.weight  # (V, d)
+    head = None if model.cfg.tie_embeddings else model.lm_head.weight  # (V, d)
+    restructure(model, kinds, dtype, device)
+    for parent, attr, name in _linears(model):
+        src, dst = old[name], getattr(parent, attr)
+        if isinstance(dst, Int4Linear):
+            key = f"{name}.weight"
+            q, s, m = int4_blocks[key] if key in int4_blocks else int4_groups(src.weight)
+            dst.weight, dst.scales_and_zeros = pack_int4(q, s, m, dtype)
+        else:
+            q, s = int8_rows(src.weight)
+            dst.weight, dst.scales = q, s.to(dtype)
+        if src.bias is not None:
+            dst.bias = nn.Parameter(src.bias.detach().to(dtype), requires_grad=False)
+    q, s = int8_rows(table)
+    model.tok_embeddings.weight, model.tok_embeddings.scales = q, s.to(dtype)
+    if head is not None:
+        q, s = int8_rows(head)
+        model.lm_head.weight, model.lm_head.scales = q, s.to(dtype)
+    tie(model)
+    return model
+
+
+# -- choosing for the machine -----------------------------------------------------------------------------------
+# Below this size a model is run as it is: per-op overhead, not weight bytes, limits it, and tests compare
+# tiny models bit for bit with other engines.
+FAST_PATH_MIN_PARAMS = 50_000_000
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def physical_cores() -> int:
+    """Cores this process may use, hyperthreads counted once (matmuls gain nothing from a second thread on the
+    same core)."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count() or 1
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+        per_core = {}
+        for block in info.split("\n\n"):
+            fields = dict(line.split(":", 1) for line in block.splitlines() if ":" in line)
+            fields = {k.strip(): v.strip() for k, v in fields.items()}
+            if "siblings" in fields and "cpu cores" in fields:
+                per_core = max(1, int(fields["siblings"]) // max(1, int(fields["cpu cores"])))
+                break
+        return max(1, usable // (per_core or 1))
+    except (OSError, ValueError):
+        return usable
+
+
+def cpu_has_bf16() -> bool:
+    """AVX-512 BF16 or AMX: bf16 GEMMs run in hardware, twice the fp32 rate."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def parse_dtype(dtype) -> torch.dtype | None:
+    """A torch dtype, a name ('bfloat16', 'bf16', 'float32' ...) or 'auto'/None (None: choose)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return None
+    if dtype not in DTYPES:
+        raise MMChatError(f"unknown dtype '{dtype}'; choose auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def parse_quant(quant) -> str | None:
+    """'auto' stays 'auto'; 'none'/None means float weights; else one of SCHEMES."""
+    if quant in (None, "none", "off", False):
+        return None
+    if quant != "auto" and quant not in SCHEMES:
+        raise MMChatError(f"unknown quantization '{quant}'; choose auto, none, {', '.join(SCHEMES)}")
+    return quant
+
+
+def gguf_has_q4(path) -> bool:
+    from .formats import gguf as fmt
+    return any(t.tensor_type.name in ("Q4_0", "Q4_1") for t in fmt.open_gguf(str(path)).tensors)
+
+
+def choose(device: str, dtype: torch.dtype | None, quant: str | None, n_params: int,
+           source_is_q4_gguf) -> tuple[torch.dtype, str | None]:
+    """The dtype and quantization scheme to run with. Explicit choices win; 'auto' picks, for models of
+    FAST_PATH_MIN_PARAMS or more: on a CPU bf16 compute where the CPU has bf16 instructions, and weight-only
+    quantization (a GGUF's own Q4 blocks when it has them, which is lossless, else int8); on a GPU bf16.
+    `source_is_q4_gguf` is called only when needed (it opens the file)."""
+    big = n_params >= FAST_PATH_MIN_PARAMS
+    if dtype is None:
+        dtype = torch.bfloat16 if big and (device != "cpu" or cpu_has_bf16()) else torch.float32
+    if quant == "auto":
+        quant = None
+        if big and device == "cpu":
+            quant = "gguf" if source_is_q4_gguf() else "int8"
+    if quant == "gguf" and not source_is_q4_gguf():
+        quant = "int8"  # no Q4 blocks to keep: every tensor becomes int8
+    if quant is not None and device != "cpu":
+        raise MMChatError("weight-only int8/int4 kernels run on the CPU only; on a GPU use --quant none "
+                          "(bf16 weights)")
+    return dtype, quant
