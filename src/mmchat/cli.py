@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 from .errors import MMChatError
 
@@ -83,43 +82,11 @@ def cmd_generate(args):
 
 
 def cmd_chat(args):
-    """Chat in the terminal. /reset starts over, /exit (or Ctrl-D) quits; Ctrl-C stops an answer."""
-    sampling = _sampling(args, chat=True)
-    llm = _load(args)
-    history = [{"role": "system", "content": args.system}] if args.system else []
-    print("type a message; /reset starts over, /exit quits", file=sys.stderr)
-    while True:
-        try:
-            line = input("you> ").strip()
-        except EOFError:
-            print()
-            return
-        except KeyboardInterrupt:
-            print()
-            return
-        if not line:
-            continue
-        if line in ("/exit", "/quit"):
-            return
-        if line == "/reset":
-            history = history[:1] if args.system else []
-            print("(conversation cleared)", file=sys.stderr)
-            continue
-        history.append({"role": "user", "content": line})
-        sys.stdout.write("assistant> ")
-        answer, count, start = "", 0, time.perf_counter()
-        try:
-            for piece in llm.chat(history, stream=True, stop=args.stop, **sampling):
-                answer += piece
-                count += 1
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-        except KeyboardInterrupt:
-            sys.stdout.write(" [stopped]")
-        elapsed = time.perf_counter() - start
-        sys.stdout.write("\n")
-        print(f"({count} pieces, {count / max(elapsed, 1e-9):.1f} tok/s)", file=sys.stderr)
-        history.append({"role": "assistant", "content": answer})
+    """Chat in the terminal: answers stream as Markdown, /help lists the commands, Ctrl-C stops an answer.
+    Conversations are saved as you go (--resume ID continues one, --list shows them)."""
+    _sampling(args, chat=True)
+    from .chat.terminal import run
+    run(args)
 
 
 def cmd_explain(args):
@@ -183,6 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(p)
     p = add("chat", cmd_chat, model=True)
     p.add_argument("--system", help="system prompt")
+    p.add_argument("--preset", "-p", help="customer-service, writer, translator, personal-assistant, or your own")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="a preset setting, e.g. --set target=German (repeatable)")
+    p.add_argument("--resume", "-r", metavar="ID", help="continue a saved conversation")
+    p.add_argument("--list", action="store_true", help="list the saved conversations and exit")
+    p.add_argument("--no-save", action="store_true", help="keep this conversation in memory only (/save keeps it)")
+    p.add_argument("--context", type=int, help="context window in tokens (default: 4096 or the model's, if less)")
+    p.add_argument("--plain", action="store_true", help="print answers as plain text, not rendered Markdown")
     _add_sampling(p)
     p = add("serve", cmd_serve, model=True)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
