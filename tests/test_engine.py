@@ -143,3 +143,21 @@ def test_eos_stops_with_reason_stop(model):
         assert len(outs) == tokens.index(tokens[3]) + 1
     finally:
         e.close()
+
+
+def test_idle_rows_in_a_decode_batch_keep_their_cache(model, engine):
+    """Slot 0 finishes while slot 1 still decodes (slot 0 rides along in the batch as an idle row); a follow-up
+    that reuses slot 0's cache must still give exactly the from-scratch answer."""
+    short, long = SamplingParams(max_tokens=5, temperature=0), SamplingParams(max_tokens=150, temperature=0)
+    a = engine.submit(PROMPTS[0], short)
+    b = engine.submit(PROMPTS[1], long)
+    answer = a.tokens()
+    assert not b.done  # b is still decoding, with a's slot idle below it
+    follow_up = PROMPTS[0] + answer + [11, 12, 13]
+    c = engine.submit(follow_up, short)
+    got = c.tokens()
+    assert c.cached_tokens == len(PROMPTS[0]) + len(answer) - 1 and not b.done
+    b.cancel()
+    assert wait_until(lambda: engine.running == 0)  # the engine is idle before this thread uses the model
+    engine.model.clear_cache()
+    assert got == generate_ids(engine.model, [follow_up], short)[0]

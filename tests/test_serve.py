@@ -334,3 +334,14 @@ def test_smollm2_over_http(smollm2_path):
         assert text == r.choices[0].message.content
     finally:
         stop_server(proc)
+
+
+def test_non_streaming_client_that_gives_up_frees_its_slot(server, model_name, no_eos):
+    body = {"model": model_name, "messages": MESSAGES, "max_tokens": 2000, "logit_bias": no_eos}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                   timeout=httpx.Timeout(60, read=1.0))
+    end = time.time() + 10
+    while time.time() < end and httpx.get(server + "/health").json()["running"]:
+        time.sleep(0.05)
+    assert httpx.get(server + "/health").json()["running"] == 0

@@ -141,8 +141,8 @@ class EngineStats:
 
 class Engine:
     """Owns a model and a static KV cache of `slots` rows of `max_len` positions, and the loop that serves
-    every submitted request from them. Position max_len - 1 is scratch: idle rows inside a decode batch write
-    there, so a sequence uses at most max_len - 1 positions."""
+    every submitted request from them. Position max_len - 1 is scratch (an idle row with a full cache writes
+    there inside a decode batch), so a sequence uses at most max_len - 1 positions."""
 
     def __init__(self, model: Transformer, eos_token_ids: list[int] = (), slots: int = 4, max_len: int | None = None,
                  max_queue: int = 64, prefill_chunk: int = 256):
@@ -326,11 +326,14 @@ class Engine:
 
     def _decode(self, decoding: list[Slot]):
         """One forward pass for every decoding slot. Rows 0..hi of the cache step together (views, no copies);
-        rows in that range that are not decoding feed a dummy token at the scratch position."""
+        rows in that range that are not decoding feed a dummy token just past their cached tokens (a slot
+        nobody reads yet; the next prefill there overwrites it), or at the scratch position when full. Low
+        positions keep the attended part of the cache short."""
         hi = max(s.index for s in decoding) + 1
         scratch = self.max_len - 1
         tokens = torch.zeros(hi, 1, dtype=torch.long, device=self.device)  # (hi, 1)
-        positions = torch.full((hi, 1), scratch, dtype=torch.long, device=self.device)  # (hi, 1)
+        positions = torch.tensor([[min(len(self.slots[i].tokens), scratch)] for i in range(hi)],
+                                 device=self.device)  # (hi, 1)
         for s in decoding:
             tokens[s.index, 0] = s.next_token
             positions[s.index, 0] = len(s.tokens)

@@ -155,25 +155,44 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, slots: int
                           code="not_found" if e.status_code == 404 else None)
         return JSONResponse(err.body(), status_code=e.status_code)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        path = request.url.path
-        if api_key and (path.startswith(("/v1/", "/api/")) or path == "/metrics"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                err = oa.APIError(401, "invalid or missing API key; send 'Authorization: Bearer <key>'",
-                                  code="invalid_api_key")
-                if path in ROUTES:
-                    metrics.requests[(path, 401)] += 1
-                return JSONResponse(err.body(), status_code=401)
-        try:
-            response = await call_next(request)
-        except Exception as e:  # a bug: one line to the client, the server keeps serving
-            err = oa.APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error")
-            response = JSONResponse(err.body(), status_code=500)
-        if path in ROUTES:  # known routes only, so a scan of random paths cannot grow the label set
-            metrics.requests[(path, response.status_code)] += 1
-        return response
+    def protected(path: str) -> bool:
+        return bool(api_key) and (path.startswith(("/v1/", "/api/")) or path == "/metrics")
+
+    class Guard:
+        """API key, request counting and a one-line 500 for bugs. Plain ASGI (not BaseHTTPMiddleware), so the
+        routes see the client's disconnect as it happens."""
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] != "http":
+                return await self.inner(scope, receive, send)
+            path, status = scope["path"], {}
+
+            async def send_and_note(message):
+                if message["type"] == "http.response.start":
+                    status["code"] = message["status"]
+                await send(message)
+
+            try:
+                given = dict(scope["headers"]).get(b"authorization", b"")
+                if protected(path) and not hmac.compare_digest(given, f"Bearer {api_key}".encode()):
+                    err = oa.APIError(401, "invalid or missing API key; send 'Authorization: Bearer <key>'",
+                                      code="invalid_api_key")
+                    await JSONResponse(err.body(), status_code=401)(scope, receive, send_and_note)
+                    return
+                await self.inner(scope, receive, send_and_note)
+            except Exception as e:  # a bug: one line to the client, the server keeps serving
+                if "code" in status:
+                    raise  # the answer has begun; nothing better to send
+                err = oa.APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error")
+                await JSONResponse(err.body(), status_code=500)(scope, receive, send_and_note)
+            finally:
+                if path in ROUTES and "code" in status:  # known routes only: random paths add no labels
+                    metrics.requests[(path, status["code"])] += 1
+
+    app.add_middleware(Guard)
 
     async def read_json(request: Request):
         length = request.headers.get("content-length")
