@@ -122,7 +122,8 @@ def main():
         base = f"http://127.0.0.1:{port}"
         rows += run_server("llama-cpp-python server",
                            [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port),
-                            "--host", "127.0.0.1", "--n_threads", str(args.threads), "--n_ctx", "2048"],
+                            "--host", "127.0.0.1", "--n_threads", str(args.threads), "--n_ctx", "2048",
+                            "--interrupt_requests", "False"],  # by default a new request cuts off the running one
                            base, str(gguf), args, bias)
 
     load_avg = os.getloadavg()

@@ -45,6 +45,7 @@ def shots():
     return out
 
 
+@pytest.mark.slow
 def test_chat_page(served, shots):
     base, eos = served
     with playwright_api.sync_playwright() as p:
