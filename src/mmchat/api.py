@@ -313,29 +313,54 @@ class LLM:
                 c.finish_reason = t.finish_reason
         return out
 
+    def constraint(self, response_format: dict | None = None, json_schema=None, regex: str | None = None,
+                   grammar: str | None = None):
+        """A mmchat.constrain.Constraint for this model's tokenizer (None when nothing is asked): OpenAI's
+        response_format, a JSON schema (dict or JSON text), a regular expression or a Lark grammar."""
+        from . import constrain
+        args = (self.tokenizer, self.config.vocab_size, self.eos_token_ids)
+        given = [x is not None for x in (response_format, json_schema, regex, grammar)]
+        if sum(given) > 1:
+            raise MMChatError("give only one of response_format, json_schema, regex and grammar")
+        if json_schema is not None:
+            return constrain.Constraint.json_schema(json_schema, *args)
+        if regex is not None:
+            return constrain.Constraint.regex(regex, *args)
+        if grammar is not None:
+            return constrain.Constraint.lark(grammar, *args)
+        return constrain.from_response_format(response_format, *args)
+
+    def _constrained(self, sampling: dict, response_format, json_schema) -> dict:
+        c = self.constraint(response_format, json_schema) if (response_format or json_schema) is not None else None
+        return {**sampling, "constraint": c} if c is not None else sampling
+
     def generate(self, prompt: str | list[str], n: int = 1, stop: list[str] | str | None = None,
-                 **sampling) -> str | list[str]:
-        """Continue `prompt`; the text of the new tokens only. A list of prompts, or n > 1, gives a list."""
+                 response_format: dict | None = None, json_schema=None, **sampling) -> str | list[str]:
+        """Continue `prompt`; the text of the new tokens only. A list of prompts, or n > 1, gives a list.
+        response_format (OpenAI's) or json_schema constrain the output to JSON that validates."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        params = sampling_params(GENERATE_DEFAULTS, **sampling)
+        params = sampling_params(GENERATE_DEFAULTS, **self._constrained(sampling, response_format, json_schema))
         stop = [stop] if isinstance(stop, str) else stop
         texts = [c.text for c in self.complete([self.encode(p) for p in prompts], params, n, stop)]
         return texts[0] if isinstance(prompt, str) and n == 1 else texts
 
-    def stream(self, prompt: str, stop: list[str] | str | None = None, **sampling) -> Iterator[str]:
+    def stream(self, prompt: str, stop: list[str] | str | None = None, response_format: dict | None = None,
+               json_schema=None, **sampling) -> Iterator[str]:
         """Continue `prompt`, yielding text pieces as tokens come."""
-        params = sampling_params(GENERATE_DEFAULTS, **sampling)
+        params = sampling_params(GENERATE_DEFAULTS, **self._constrained(sampling, response_format, json_schema))
         stop = [stop] if isinstance(stop, str) else stop
         for _, text, _ in self.stream_ids([self.encode(prompt)], params, 1, stop):
             if text:
                 yield text
 
     def chat(self, messages: list[dict] | str, stream: bool = False, stop: list[str] | str | None = None,
-             **sampling) -> str | Iterator[str]:
-        """Answer a conversation (OpenAI-style message dicts, or one user message as a string)."""
+             response_format: dict | None = None, json_schema=None, **sampling) -> str | Iterator[str]:
+        """Answer a conversation (OpenAI-style message dicts, or one user message as a string).
+        response_format (OpenAI's: json_object, or json_schema with a schema) or json_schema (a schema dict or
+        JSON text) constrain the answer to JSON that validates against it."""
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
-        params = sampling_params(CHAT_DEFAULTS, **sampling)
+        params = sampling_params(CHAT_DEFAULTS, **self._constrained(sampling, response_format, json_schema))
         stop = [stop] if isinstance(stop, str) else stop
         ids = self.render_chat(messages)
         pieces = (text for _, text, _ in self.stream_ids([ids], params, 1, stop) if text)

@@ -25,6 +25,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     top_logprobs: int = 0            # how many alternatives to report per token
     ignore_eos: bool = False
+    # a mmchat.constrain.Constraint (JSON schema, regex, grammar): only tokens it allows are sampled; each
+    # sequence gets its own matcher from it
+    constraint: object | None = None
 
     def validate(self) -> "SamplingParams":
         checks = [
@@ -67,6 +70,8 @@ class Sampler:
         self.counts = torch.zeros(len(params), vocab_size, device=device)  # (B, V) times generated
         self.seen = torch.zeros(len(params), vocab_size, dtype=torch.bool, device=device)  # prompt + generated
         self.bias = None  # (B, V) once any row has a logit_bias
+        self.matchers = [p.constraint.matcher() if p.constraint is not None else None for p in params]
+        self.bitmask = None  # (B, ceil(V / 32)) int32 on the CPU, once any row is constrained
         for i, p in enumerate(params):
             self._set_bias(i, p)
 
@@ -90,6 +95,7 @@ class Sampler:
         self.counts[row] = 0.0
         self.seen[row] = False
         self._set_bias(row, params)
+        self.matchers[row] = params.constraint.matcher() if params.constraint is not None else None
         if prompt:
             self.observe_prompt(row, prompt)
 
@@ -111,6 +117,31 @@ class Sampler:
             idx = torch.arange(len(self.params), device=tokens.device)
         self.counts[idx, tokens] += 1  # rows are distinct, so no index repeats
         self.seen[idx, tokens] = True
+        rows = range(len(self.params)) if rows is None else rows
+        constrained = [(i, self.matchers[r]) for i, r in enumerate(rows) if self.matchers[r] is not None]
+        if constrained:
+            ids = tokens.tolist()  # one more host sync, only when some row is constrained
+            for i, m in constrained:
+                m.consume(ids[i])
+
+    def constrain(self, logits: torch.Tensor, rows: list[int] | None = None) -> torch.Tensor:
+        """logits: (B, V) -> the same with the tokens each row's matcher forbids at -inf (unconstrained rows
+        untouched)."""
+        rows = list(rows) if rows is not None else list(range(len(self.params)))
+        constrained = [i for i, r in enumerate(rows) if self.matchers[r] is not None]
+        if not constrained:
+            return logits
+        from .constrain import allocate_bitmask, unpack_bitmask
+        if self.bitmask is None:
+            self.bitmask = allocate_bitmask(len(self.params), self.vocab_size)
+        for i in constrained:
+            self.matchers[rows[i]].fill(self.bitmask, rows[i])
+        sel = torch.tensor([rows[i] for i in constrained])
+        allowed = unpack_bitmask(self.bitmask[sel], logits.size(-1)).to(logits.device)  # (C, V)
+        at = torch.tensor(constrained, device=logits.device)
+        logits = logits.clone()
+        logits[at] = logits[at].masked_fill(~allowed, float("-inf"))
+        return logits
 
     def penalize(self, logits: torch.Tensor, rows: list[int] | None = None) -> torch.Tensor:
         """logits: (B, V) float32 -> penalized (B, V)."""
@@ -131,7 +162,7 @@ class Sampler:
     def sample(self, logits: torch.Tensor, rows: list[int] | None = None) -> torch.Tensor:
         """logits: (B, V), one row per entry of `rows` (None: all rows) -> token ids (B,)."""
         ps, generators, _ = self._select(rows)
-        logits = self.penalize(logits.float(), rows)
+        logits = self.constrain(self.penalize(logits.float(), rows), rows)
         greedy = logits.argmax(dim=-1)  # (B,)
         if all(p.temperature == 0 for p in ps):
             return greedy
