@@ -16,6 +16,11 @@ PROMPT = ">>> "
 
 
 def spawn(model_path, home, *args):
+    from mmchat import registry
+    shared = registry.home() / "converted"  # converted weights: made once, shared with the other tests
+    shared.mkdir(parents=True, exist_ok=True)
+    if not (home / "converted").exists():
+        (home / "converted").symlink_to(shared, target_is_directory=True)
     env = {**os.environ, "MMCHAT_HOME": str(home), "PYTHONUNBUFFERED": "1", "TERM": "xterm-256color"}
     child = pexpect.spawn(sys.executable, ["-m", "mmchat", "chat", "--model", str(model_path), *args], env=env,
                           encoding="utf-8", timeout=120, dimensions=(50, 200))
@@ -71,6 +76,7 @@ def test_terminal_chat_remembers_saves_stops_and_resumes(smollm2_path, tmp_path)
     child.close()
     assert child.exitstatus == 0
 
+    assert "What is my dog called?" in (tmp_path / "input_history").read_text()  # up-arrow history, next time
     conv = store.get(cid)
     roles = [m.role for m in conv.messages]
     assert conv.title == "Rex chat"
@@ -130,6 +136,7 @@ def test_terminal_bad_input_is_one_line_and_the_session_goes_on(smollm2_path, tm
     data = json.loads((tmp_path / "out.json").read_text())
     assert data["messages"][0] == {"role": "user", "content": "Say hi\nin one word"}
     assert Store(tmp_path / "conversations.db").list() == []  # --no-save kept nothing
+    assert not (tmp_path / "input_history").exists()  # nor what was typed
 
 
 def test_cli_errors_before_loading(tmp_path, monkeypatch, capsys):
@@ -146,3 +153,13 @@ def test_cli_errors_before_loading(tmp_path, monkeypatch, capsys):
         assert cli.main(["chat", "--model", str(tmp_path / "missing.gguf"), *args]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err
+
+
+def test_markdown_keeps_line_breaks_outside_code():
+    from rich.console import Console
+
+    from mmchat.chat.terminal import as_markdown
+    console = Console(width=60, record=True, force_terminal=False)
+    console.print(as_markdown("**Rain**\nsoft on the roof\ngrey on the sea\n\n```\nx = 1\ny = 2\n```"))
+    lines = [line.strip() for line in console.export_text().splitlines() if line.strip()]
+    assert lines == ["Rain", "soft on the roof", "grey on the sea", "x = 1", "y = 2"]

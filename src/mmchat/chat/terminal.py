@@ -36,6 +36,19 @@ HELP = [
 MULTILINE = '"""'
 
 
+def as_markdown(text: str) -> Markdown:
+    """Markdown that keeps the answer's line breaks (poems, addresses): outside code blocks a single newline
+    becomes a hard break, as chat pages render it, instead of joining the lines into one paragraph."""
+    out, fenced = [], False
+    lines = text.split("\n")
+    for i, line in enumerate(lines):
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        nxt = lines[i + 1] if i + 1 < len(lines) else ""
+        out.append(line + "  " if not fenced and line.strip() and nxt.strip() else line)
+    return Markdown("\n".join(out))
+
+
 class AnswerView:
     """Shows an answer while it streams. In a terminal, finished Markdown blocks (up to a blank line outside a
     code fence) are printed for good and only the block being written is redrawn, so long answers scroll
@@ -61,11 +74,11 @@ class AnswerView:
         cut = self._block_end()
         if cut > self.done:
             self.live.update("", refresh=True)
-            self.live.console.print(Markdown(self.text[self.done:cut]))
+            self.live.console.print(as_markdown(self.text[self.done:cut]))
             self.done = cut
         now = time.perf_counter()
         if now - self.last_refresh > 0.05:  # redraw at most 20 times a second
-            self.live.update(Markdown(self.text[self.done:]), refresh=True)
+            self.live.update(as_markdown(self.text[self.done:]), refresh=True)
             self.last_refresh = now
 
     def _block_end(self) -> int:
@@ -78,7 +91,7 @@ class AnswerView:
 
     def __exit__(self, *exc):
         if self.live:
-            self.live.update(Markdown(self.text[self.done:]), refresh=True)
+            self.live.update(as_markdown(self.text[self.done:]), refresh=True)
             self.live.stop()
         elif not self.text.endswith("\n"):
             self.console.file.write("\n")
@@ -117,7 +130,7 @@ class Terminal:
             if m.role == "user":
                 self.console.print(f"> {m.content}", style="bold", markup=False, highlight=False)
             else:
-                self.console.print(Markdown(m.content) if self.markdown else m.content, markup=False)
+                self.console.print(as_markdown(m.content) if self.markdown else m.content, markup=False)
                 if m.meta.get("finish_reason") == "stopped":
                     self.note("(stopped)")
 
@@ -319,11 +332,12 @@ def run(args) -> None:
         terminal.show_history()
         for text in chat.notices:
             notice(text)
-    _input_history(terminal.loop)
+    _input_history(terminal.loop, keep=not args.no_save)
 
 
-def _input_history(loop):
-    """Run `loop` with line editing and input history kept across sessions (readline, where there is one)."""
+def _input_history(loop, keep: bool = True):
+    """Run `loop` with line editing and input history across sessions (readline, where there is one); with
+    keep=False (--no-save) what is typed now is not written down."""
     try:
         import readline
     except ImportError:  # e.g. Windows without pyreadline: plain input() still works
@@ -335,7 +349,8 @@ def _input_history(loop):
     try:
         return loop()
     finally:
-        with contextlib.suppress(OSError):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            readline.write_history_file(path)
-            os.chmod(path, 0o600)  # what you typed is private
+        if keep:
+            with contextlib.suppress(OSError):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                readline.write_history_file(path)
+                os.chmod(path, 0o600)  # what you typed is private
