@@ -11,6 +11,14 @@ CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
+def smollm2(smollm2_path):
+    """Ours in float32 on the dequantized weights, as transformers runs it (mmchat.load would otherwise pick
+    the fastest form for the machine, e.g. the Q4 blocks kept); cache=False: no 0.5 GB converted copy on disk."""
+    import mmchat
+    return mmchat.load(str(smollm2_path), dtype="float32", quant=None, cache=False, progress=False)
+
+
+@pytest.fixture(scope="module")
 def hf(smollm2_path):
     return transformers.AutoModelForCausalLM.from_pretrained(
         str(smollm2_path.parent), gguf_file=smollm2_path.name, dtype=torch.float32).eval()
@@ -27,7 +35,7 @@ def test_same_shape_and_weights(smollm2, hf):
         (c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.hidden_size) == (30, 9, 3, 576)
     # Q rows: ours undoes llama.cpp's permutation; transformers does the same on its side
     q_ours = smollm2.model.layers[3].attn.wqkv.weight[:576]
-    assert torch.equal(q_ours, hf.model.layers[3].self_attn.q_proj.weight)
+    assert q_ours.dtype == torch.float32 and torch.equal(q_ours, hf.model.layers[3].self_attn.q_proj.weight)
 
 
 @pytest.fixture(scope="module")
