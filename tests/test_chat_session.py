@@ -112,3 +112,12 @@ def test_template_without_system_role_gets_the_prompt_in_the_first_turn(smollm2)
     ids, _ = chat._prompt([Message("user", "Hello")], reserve=16)
     text = smollm2.tokenizer.decode(ids, skip_special=False)
     assert text.startswith("<|im_start|>user\nAlways answer in French.\n\nHello")
+
+
+def test_a_model_without_template_says_it_uses_chatml(smollm2):
+    notices = []
+    llm = LLM(smollm2.model, smollm2.tokenizer, ChatTemplate(None), name="no-template")
+    chat = Chat(llm, on_notice=notices.append, context=128)
+    assert notices == ["this model has no chat template; using ChatML"]
+    ids, _ = chat._prompt([Message("user", "Hi")], reserve=16)
+    assert smollm2.tokenizer.decode(ids, skip_special=False) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
