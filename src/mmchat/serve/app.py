@@ -563,13 +563,13 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, slots: int
 
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, slots: int = 8,
-          max_len: int | None = None, max_queue: int = 64, log=print):
-    """Load `model` and serve it until interrupted."""
+          max_len: int | None = None, max_queue: int = 64, log=print, **load_options):
+    """Load `model` (load_options: LLM.load's dtype, quant...) and serve it until interrupted."""
     import uvicorn
 
     from ..api import load
     log(f"loading {model} ...")
-    llm = load(model)
+    llm = load(model, **load_options)
     name = model if not Path(model).exists() else llm.name
     app = create_app(llm, name, api_key, slots, max_len, max_queue)
     log(f"serving '{name}' ({len(app.state.engine.slots)} slots of {app.state.engine.context_len} tokens) on "
