@@ -4,7 +4,7 @@ converter writes them (tensor names, metadata, Q/K row permutation, tokenizer), 
 Two references: transformers loading the same GGUF (it dequantizes independently, so the logits must agree
 tightly for every type), and the original float HF model (agreement within what each quant type loses).
 gguf-py can write F32..Q5_1 itself but cannot quantize K types (NotImplementedError); tests/tiny_models.py has
-small K-quant writers, checked below against gguf-py's reader."""
+small Q2_K..Q6_K writers, checked below against gguf-py's reader and, where installed, llama.cpp itself."""
 import numpy as np
 import pytest
 import torch
@@ -20,7 +20,7 @@ import tiny_models as tm  # noqa: E402
 
 # largest relative RMS error of all logits vs the float model (these random models amplify weight error ~5x)
 REL_TOL = {"F32": 1e-6, "F16": 0.005, "BF16": 0.03, "Q8_0": 0.06, "Q6_K": 0.25, "Q5_0": 0.45, "Q5_1": 0.45,
-           "Q5_K": 0.45, "Q4_0": 0.8, "Q4_1": 0.8, "Q4_K": 0.8}
+           "Q5_K": 0.45, "Q4_0": 0.8, "Q4_1": 0.8, "Q4_K": 0.8, "Q3_K": 1.2, "Q2_K": 1.5}
 TEXT = "Hello, how are you? The capital of France is"
 
 
@@ -33,7 +33,7 @@ def test_k_quant_writer_round_trips_through_gguf_py(qtype):
         quantize(np.zeros((1, 256), np.float32), Q[qtype])  # why the test writes these itself
     x = np.random.default_rng(0).standard_normal((6, 512)).astype(np.float32)
     back = dequantize(tm.quantize(x, qtype)[0], Q[qtype])
-    levels = {"Q4_K": 15, "Q5_K": 31, "Q6_K": 63}[qtype]
+    levels = {"Q2_K": 3, "Q3_K": 7, "Q4_K": 15, "Q5_K": 31, "Q6_K": 63}[qtype]
     step = (x.max() - x.min()) / levels
     assert np.abs(back - x).max() < 0.75 * step
     assert np.abs(back - x).mean() < 0.3 * step
@@ -75,6 +75,7 @@ def test_gguf_round_trip(kind, qtype, float_logits):
             str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()(ids).logits[0]
     assert (ours - theirs).abs().max() < 1e-4  # same dequantized weights, same function
     rel = ((ours - ref_float[kind]).norm() / ref_float[kind].norm()).item()
+    print(f"{kind} {qtype}: relative logit error vs the float model {rel:.4f}")
     assert rel < REL_TOL[qtype], rel
     if qtype == "F32":
         assert (ours[-1] - ref_float[kind][-1]).abs().max() < 1e-4
@@ -119,3 +120,26 @@ def test_garbage_after_magic_is_refused(tmp_path):
     path.write_bytes(b"GGUF" + np.random.default_rng(2).integers(0, 255, 4096, dtype=np.uint8).tobytes())
     with pytest.raises(MMChatError, match="garbage.gguf"):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize("kind", ["llama-256", "gpt2-256"])
+@pytest.mark.parametrize("qtype", tm.QUANT_TYPES)
+def test_llama_cpp_reads_the_same_model(kind, qtype):
+    """llama.cpp (its own reader, dequantizer and RoPE) on the same files: the same tokens and close logits.
+    This checks the test's writers (names, Q/K row order, K-quant blocks) against the format's home, and our
+    reading against an implementation that shares no code with gguf-py. llama.cpp keeps its KV cache in F16 and
+    quantizes activations to 8 bits for quantized matmuls, hence the looser bound there."""
+    try:
+        import llama_cpp
+    except ImportError:
+        pytest.skip("llama_cpp (llama-cpp-python) is not installed: it is a benchmark dependency, not a test one")
+    path = tm.gguf_file(kind, qtype)
+    ids = tm.tokenizer().encode(TEXT).ids
+    ref_model = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=1)
+    assert ref_model.tokenize(TEXT.encode(), add_bos=False, special=True) == ids
+    ref_model.eval(ids)
+    ref = torch.tensor(np.array(ref_model.scores[: len(ids)]))  # (T, V)
+    with torch.no_grad():
+        ours = mmchat.load(str(path), progress=False).model(torch.tensor([ids]))[0]
+    rel = ((ours - ref).norm() / ref.norm()).item()
+    assert rel < {"F32": 0.003, "F16": 0.003, "BF16": 0.02}.get(qtype, 0.08), rel  # BF16: activations too

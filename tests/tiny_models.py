@@ -194,8 +194,59 @@ def quantize_q6_k(x: np.ndarray) -> np.ndarray:
     return out.reshape(*x.shape[:-1], -1)
 
 
-K_QUANTIZERS = {"Q4_K": quantize_q4_k, "Q5_K": quantize_q5_k, "Q6_K": quantize_q6_k}
-QUANT_TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
+def _pack_2bit(q: np.ndarray) -> np.ndarray:
+    """(n, 256) values 0..3 -> (n, 64) bytes: value h*128 + s*32 + k sits in byte h*32 + k at bits 2s."""
+    q = q.reshape(len(q), 2, 4, 32).astype(np.uint8)
+    return (q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)).reshape(len(q), 64)
+
+
+def quantize_q2_k(x: np.ndarray) -> np.ndarray:
+    """x ~ d*sc*q - dmin*m per 16-value sub-block, q in [0, 3], 4-bit sc and m, f16 d and dmin."""
+    blocks = x.reshape(-1, QK_K).astype(np.float32)
+    n = len(blocks)
+    sub = blocks.reshape(n, 16, 16)
+    lo = np.minimum(sub.min(-1), 0.0)
+    scale = (sub.max(-1) - lo) / 3
+    d, dmin = _f16(scale.max(-1) / 15), _f16(-lo.min(-1) / 15)
+    d32, dmin32 = d.astype(np.float32)[:, None], dmin.astype(np.float32)[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sc = np.where(d32 > 0, np.rint(scale / d32), 0).clip(0, 15).astype(np.uint8)
+        m = np.where(dmin32 > 0, np.rint(-lo / dmin32), 0).clip(0, 15).astype(np.uint8)
+        step, offset = (d32 * sc)[..., None], (dmin32 * m)[..., None]
+        q = np.where(step > 0, np.rint((sub + offset) / step), 0).clip(0, 3)
+    out = np.concatenate([sc | (m << 4), _pack_2bit(q.reshape(n, QK_K)), d.view(np.uint8).reshape(-1, 2),
+                          dmin.view(np.uint8).reshape(-1, 2)], axis=1)
+    return out.reshape(*x.shape[:-1], -1)
+
+
+def quantize_q3_k(x: np.ndarray) -> np.ndarray:
+    """x ~ d*(u-32)*q per 16-value sub-block, q in [-4, 3] (2 low bits + a high-bit mask), 6-bit u, f16 d."""
+    blocks = x.reshape(-1, QK_K).astype(np.float32)
+    n = len(blocks)
+    sub = blocks.reshape(n, 16, 16)
+    scale = np.abs(sub).max(-1) / 4  # (n, 16)
+    d = _f16(scale.max(-1) / 31)
+    d32 = d.astype(np.float32)[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sc = np.where(d32 > 0, np.rint(scale / d32), 0).clip(0, 31)
+        step = (d32 * sc)[..., None]
+        q = np.where(step > 0, np.rint(sub / step), 0).clip(-4, 3).astype(np.int8).reshape(n, QK_K)
+    high = (q >= 0).astype(np.uint8)  # the mask bit set means no -4 offset
+    low = (q + 4 * (1 - high)).astype(np.uint8)
+    hmask = (high.reshape(n, 8, 32) << np.arange(8, dtype=np.uint8)[None, :, None]).sum(1, dtype=np.uint8)
+    u = (sc + 32).astype(np.uint8)  # (n, 16)
+    packed = np.zeros((n, 12), np.uint8)
+    for j in range(16):  # low nibble of u[j]: byte j % 8 (high half for j >= 8); its top 2 bits: byte 8 + j % 4
+        packed[:, j % 8] |= (u[:, j] & 0xF) << (4 * (j // 8))
+        packed[:, 8 + j % 4] |= (u[:, j] >> 4) << (2 * (j // 4))
+    out = np.concatenate([hmask, _pack_2bit(low), packed, d.view(np.uint8).reshape(-1, 2)], axis=1)
+    return out.reshape(*x.shape[:-1], -1)
+
+
+K_QUANTIZERS = {"Q2_K": quantize_q2_k, "Q3_K": quantize_q3_k, "Q4_K": quantize_q4_k, "Q5_K": quantize_q5_k,
+                "Q6_K": quantize_q6_k}
+QUANT_TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+               "Q6_K"]
 
 
 def quantize(x: np.ndarray, qtype: str):
@@ -257,7 +308,7 @@ def gguf_tensors(model) -> dict[str, np.ndarray]:
     return {k: v.contiguous().numpy() for k, v in out.items()}
 
 
-def write_tokenizer_metadata(w, tok, pre: str = "gpt2"):
+def write_tokenizer_metadata(w, tok, pre: str = "gpt-2"):  # llama.cpp's name for GPT-2's pre-tokenizer
     vocab = tok.get_vocab()
     tokens = sorted(vocab, key=vocab.get)
     w.add_tokenizer_model("gpt2")

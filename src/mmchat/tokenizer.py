@@ -17,7 +17,7 @@ QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[
 
 def _byte_level_pre_tokenizer(pre: str | None):
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    if pre in (None, "gpt2", "default"):
+    if pre in (None, "gpt2", "gpt-2", "default"):  # llama.cpp's converter names GPT-2's own split "gpt-2"
         return byte_level
     if pre in ("smollm", "starcoder", "refact"):  # GPT-2's split, digits one by one
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
