@@ -88,6 +88,8 @@ def test_presets_and_model_defaults(smollm2):
 
 def test_save_resume_and_export(smollm2, tmp_path):
     store = Store(tmp_path / "c.db")
+    idle = Chat(smollm2, store=store)
+    assert idle.conversation_id and store.list() == []  # a conversation is written with its first message
     chat = Chat(smollm2, preset="writer", preset_vars={"form": "a poem"}, **FAST)
     chat.send("Write about the sea.")
     cid = chat.save(store=store, title="Sea")  # everything so far is written, later turns as they happen

@@ -25,7 +25,7 @@ from ..errors import MMChatError
 from ..tokenizer import StreamDecoder
 from . import presets as presets_mod
 from .presets import Preset
-from .store import Conversation, Store, StoredMessage, export
+from .store import Conversation, Store, StoredMessage, export, new_id
 
 log = logging.getLogger("mmchat.chat")
 
@@ -93,6 +93,7 @@ class Chat:
         self.messages: list[Message] = []
         self.last: TurnStats | None = None
         self.conversation_id: str | None = None
+        self._in_store = False          # the store has a row for it (written with the first message or save())
         self.store: Store | None = None
         self._window_start = 0          # messages before this index no longer fit the context window
         self._fold_system = False       # the template refuses system messages: put the prompt in the first turn
@@ -228,12 +229,13 @@ class Chat:
         if not isinstance(text, str) or not text.strip():
             raise MMChatError("the message is empty; type something")
         params = self.params(**sampling)
-        if self.messages and self.messages[-1].role == "user":
-            # the previous message never got an answer (stopped before the first token, or a crash)
+        # a previous message that never got an answer (a crash during it) is replaced by this one
+        unanswered = bool(self.messages) and self.messages[-1].role == "user"
+        candidate = self.messages[: len(self.messages) - unanswered] + [Message("user", text)]
+        ids, dropped = self._prompt(candidate, reserve=min(params.max_tokens, self.context // 4))
+        if unanswered:
             self._notice("the previous message had no answer; it is replaced by this one")
             self._truncate(len(self.messages) - 1)
-        candidate = self.messages + [Message("user", text)]
-        ids, dropped = self._prompt(candidate, reserve=min(params.max_tokens, self.context // 4))
         self.messages.append(candidate[-1])
         self._store_append(candidate[-1])
         return self._answer(ids, params, dropped)
@@ -267,12 +269,12 @@ class Chat:
         """Start a new conversation with the same model, preset and system prompt."""
         self.messages, self.last, self._window_start = [], None, 0
         if self.store is not None:
-            self.conversation_id = self._new_conversation().id
+            self.conversation_id, self._in_store = new_id(), False
 
     def _truncate(self, keep: int):
         self.messages = self.messages[:keep]
         self._window_start = min(self._window_start, max(keep - 1, 0))
-        if self.store is not None and self.conversation_id:
+        if self._in_store:
             self.store.truncate(self.conversation_id, keep)
 
     # -- generation -------------------------------------------------------------------------------------------
@@ -328,24 +330,32 @@ class Chat:
         return {"sampling": self.sampling, "context": getattr(self, "context", None),
                 "preset_vars": self.preset.variables if self.preset else {}}
 
-    def _new_conversation(self, title: str = "") -> Conversation:
-        return self.store.create(model=self.llm.name, system=self.system,
-                                 preset=self.preset.name if self.preset else None,
-                                 settings=self._settings(), title=title)
-
     def _attach_store(self, store: Store | str | Path | bool):
+        """Save into `store` from now on; the conversation's row is written with its first message."""
         self.store = store if isinstance(store, Store) else Store(None if store is True else store)
-        if self.conversation_id is None:
-            self.conversation_id = self._new_conversation().id
-            self.store.replace(self.conversation_id, [StoredMessage(m.role, m.content, m.meta)
-                                                      for m in self.messages])
+        self.conversation_id = self.conversation_id or new_id()
+        if self.messages:
+            self._write_all()
+
+    def _write_all(self):
+        """Create the conversation's row with everything said so far (one transaction each)."""
+        if not self._in_store:
+            self.store.create(model=self.llm.name, system=self.system, preset=self.preset.name if self.preset else None,
+                              settings=self._settings(), conversation_id=self.conversation_id)
+            self._in_store = True
+        self.store.replace(self.conversation_id, [StoredMessage(m.role, m.content, m.meta) for m in self.messages])
 
     def _store_append(self, m: Message):
-        if self.store is not None and self.conversation_id:
+        """Write one message (it is already the last of self.messages)."""
+        if self.store is None:
+            return
+        if not self._in_store:
+            self._write_all()
+        else:
             self.store.append(self.conversation_id, m.role, m.content, m.meta)
 
     def _save_settings(self):
-        if getattr(self, "store", None) is not None and self.conversation_id:
+        if getattr(self, "_in_store", False):
             self.store.update(self.conversation_id, system=self.system, settings=self._settings(),
                               preset=self.preset.name if self.preset else None)
 
@@ -356,16 +366,18 @@ class Chat:
             return self.export(path)
         if self.store is None:
             self._attach_store(store or True)
+        if not self._in_store:
+            self._write_all()
         if title:
             self.store.update(self.conversation_id, title=title)
         return self.conversation_id
 
     def conversation(self) -> Conversation:
         """This conversation as the store would hold it."""
-        if self.store is not None and self.conversation_id:
+        if self._in_store:
             return self.store.get(self.conversation_id)
         now = time.time()
-        return Conversation("unsaved", "", self.llm.name, self.preset.name if self.preset else None, self.system,
+        return Conversation(self.conversation_id or "unsaved", "", self.llm.name, self.preset.name if self.preset else None, self.system,
                             self._settings(), now, now,
                             [StoredMessage(m.role, m.content, m.meta) for m in self.messages])
 
@@ -390,7 +402,7 @@ class Chat:
         chat._system = conv.system
         chat.sampling = dict(settings.get("sampling", {}))
         chat.messages = [Message(m.role, m.content, m.meta) for m in conv.messages]
-        chat.store, chat.conversation_id = store, conv.id
+        chat.store, chat.conversation_id, chat._in_store = store, conv.id, True
         if chat.messages and chat.messages[-1].role == "user":
             chat._notice("the last message has no answer (the previous session ended during it); "
                          "/regenerate answers it")

@@ -84,6 +84,10 @@ class Conversation:
         return "\n".join(lines)
 
 
+def new_id() -> str:
+    return uuid.uuid4().hex[:8]
+
+
 def _iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t)) if t else ""
 
@@ -135,9 +139,9 @@ class Store:
 
     # -- conversations ------------------------------------------------------------------------------------------
     def create(self, model: str = "", system: str | None = None, preset: str | None = None,
-               settings: dict | None = None, title: str = "") -> Conversation:
+               settings: dict | None = None, title: str = "", conversation_id: str | None = None) -> Conversation:
         now = time.time()
-        conv = Conversation(uuid.uuid4().hex[:8], title, model, preset, system, settings or {}, now, now)
+        conv = Conversation(conversation_id or new_id(), title, model, preset, system, settings or {}, now, now)
         self._write(("INSERT INTO conversations (id, title, model, preset, system, settings, created, updated) "
                      "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                      (conv.id, title, model, preset, system, json.dumps(conv.settings), now, now)))
