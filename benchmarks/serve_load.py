@@ -81,7 +81,7 @@ def run_server(name: str, cmd: list[str], base: str, model: str, args, bias: dic
         rows = []
         for clients in (1, args.clients):
             row = asyncio.run(load(base, model, clients, args.tokens, bias))
-            row["server"] = name
+            row["server"] = name + (f" ({args.serve_args})" if name == "mmchat" and args.serve_args else "")
             print(row, file=sys.stderr)
             rows.append(row)
         return rows
@@ -100,6 +100,7 @@ def main():
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--skip-llama-cpp", action="store_true")
+    ap.add_argument("--serve-args", default="", help="more `mmchat serve` options, e.g. '--dtype bfloat16 --quant none'")
     ap.add_argument("--results", default=str(Path(__file__).parent / "RESULTS.md"))
     args = ap.parse_args()
 
@@ -116,7 +117,8 @@ def main():
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     rows += run_server("mmchat", [sys.executable, "-m", "mmchat", "serve", "--model", str(gguf), "--port", str(port),
-                                  "--slots", str(max(args.clients, 1))], base, Path(gguf).stem, args, bias)
+                                  "--slots", str(max(args.clients, 1)), *args.serve_args.split()],
+                     base, Path(gguf).stem, args, bias)
     if not args.skip_llama_cpp:
         port = free_port()
         base = f"http://127.0.0.1:{port}"
@@ -136,7 +138,7 @@ def main():
     for r in rows:
         lines.append(f"| {r['server']} | {r['clients']} | {r['tokens']} | {r['wall_s']:.1f} | {r['tok_s']:.1f} | "
                      f"{r['ttft_s']:.2f} | {'yes' if r['together'] else 'no'} |")
-    by = {(r["server"], r["clients"]): r["tok_s"] for r in rows}
+    by = {(r["server"].split(" (")[0], r["clients"]): r["tok_s"] for r in rows}
     if ("mmchat", 1) in by and ("mmchat", args.clients) in by:
         lines.append(f"\nmmchat: {args.clients} clients / 1 client = "
                      f"{by[('mmchat', args.clients)] / by[('mmchat', 1)]:.2f}x aggregate throughput.")
