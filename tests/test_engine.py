@@ -161,3 +161,20 @@ def test_idle_rows_in_a_decode_batch_keep_their_cache(model, engine):
     assert wait_until(lambda: engine.running == 0)  # the engine is idle before this thread uses the model
     engine.model.clear_cache()
     assert got == generate_ids(engine.model, [follow_up], short)[0]
+
+
+def test_short_requests_pass_a_long_one_and_long_prefills_are_chunked(engine):
+    """A long answer does not hold up a short one, and a long prompt (prefilled 16 tokens per step) does not
+    stall a sequence that is already decoding: it keeps getting a token every step."""
+    long = engine.submit(PROMPTS[1], SamplingParams(max_tokens=200, temperature=0))
+    it = iter(long)
+    next(it)  # decoding now
+    short = engine.submit(PROMPTS[0], SamplingParams(max_tokens=5, temperature=0))
+    assert len(short.tokens()) == 5 and not long.done
+    before = len(long.generated)
+    prompt = list(range(1, 200))  # 199 tokens: 13 chunks of 16
+    big = engine.submit(prompt, SamplingParams(max_tokens=1, temperature=0))
+    big.tokens()
+    during = len(long.generated) - before
+    assert during >= 12, during  # one decode step of the long answer per prefill chunk
+    long.cancel()
