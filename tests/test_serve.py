@@ -215,7 +215,8 @@ def test_completions_endpoint(client, local, model_name):
 
 @pytest.mark.parametrize("field, value, param", [
     ("tools", [{"type": "function", "function": {"name": "f"}}], "tools"),
-    ("response_format", {"type": "json_object"}, "response_format"),
+    ("response_format", {"type": "xml"}, "response_format"),
+    ("modalities", ["audio"], "modalities"),
     ("frobnicate", 1, "frobnicate"),
     ("temperature", 5, "temperature"),
     ("temperature", "hot", "temperature"),
@@ -368,3 +369,16 @@ def test_eight_streams_share_decode_steps(server, model_name, no_eos):
     steps = metric(server, "mmchat_engine_decode_steps_total") - before
     assert metric(server, "mmchat_engine_generated_tokens_total") - generated == 8 * 150
     assert steps < 2 * 150, steps  # unbatched it would be 8 * 149; arrivals and prefills stagger a little
+
+
+def test_response_format_json_schema(client, model_name):
+    """Even a random model answers with JSON that fits the schema: tokens that would break it are masked."""
+    schema = {"type": "object", "properties": {"answer": {"type": "string", "enum": ["yes", "no"]},
+                                               "count": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["answer", "count"], "additionalProperties": False}
+    r = client.chat.completions.create(
+        model=model_name, messages=MESSAGES, temperature=1.0, seed=3, max_tokens=40,
+        response_format={"type": "json_schema", "json_schema": {"name": "reply", "schema": schema}})
+    value = json.loads(r.choices[0].message.content)
+    assert value["answer"] in ("yes", "no") and 0 <= value["count"] <= 9 and set(value) == {"answer", "count"}
+    assert r.choices[0].finish_reason == "stop"

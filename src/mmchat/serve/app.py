@@ -348,6 +348,11 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, slots: int
         except MMChatError as e:
             raise oa.APIError(400, str(e), "messages") from None
         params = fit(prompt, params, CHAT_DEFAULTS["max_tokens"])
+        if req.response_format is not None:  # constrained decoding: every token must keep the output valid
+            try:
+                params = replace(params, constraint=llm.constraint(response_format=req.response_format))
+            except MMChatError as e:
+                raise oa.APIError(400, str(e), "response_format") from None
         handles = submit_all([prompt], params, req.n)
         choices = [ChoiceText(i, llm.tokenizer, stop) for i in range(req.n)]
         cid, created = oa.new_id("chatcmpl"), oa.now()

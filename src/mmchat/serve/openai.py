@@ -19,7 +19,7 @@ from ..generate import SamplingParams
 # (A value equal to OpenAI's default, such as "echo": false or null, is accepted: it asks for nothing.)
 UNSUPPORTED = {
     "tools": None, "tool_choice": None, "functions": None, "function_call": None, "parallel_tool_calls": None,
-    "response_format": None, "modalities": None, "audio": None, "prediction": None, "store": False,
+    "modalities": None, "audio": None, "prediction": None, "store": False,
     "metadata": None, "service_tier": None, "reasoning_effort": None, "web_search_options": None,
     "echo": False, "best_of": 1, "suffix": None,
 }
@@ -88,6 +88,7 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: dict | None = None  # text, json_object or json_schema: checked where the tokenizer is known
 
 
 class CompletionRequest(_Sampling):
