@@ -123,7 +123,6 @@ def test_generate_with_smollm2_knows_paris(smollm2_path):
     r = run("generate", "--model", "smollm2", "--temperature", "0", "--max-tokens", "32", "The capital of France is")
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout and not r.stdout.startswith("The capital of France is")
-    assert len(r.stdout.split()) >= 5
 
 
 @pytest.mark.slow

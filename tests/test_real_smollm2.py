@@ -59,7 +59,7 @@ def test_last_position_logits_match(smollm2, prompts, hf_logits):
             ours = smollm2.model(torch.tensor([ids]))[0, -1]  # (V,)
         diff = (ours - ref[len(ids) - 1]).abs().max()
         print(f"{len(ids)}-token prompt: max abs logit difference {diff:.2e} (logit std {ours.std():.2f})")
-        assert diff < 2e-3, diff
+        assert diff < 5e-4, diff  # measured: up to ~5e-5 on logits of std ~3.5
         assert ours.argmax() == ref[len(ids) - 1].argmax()
 
 
