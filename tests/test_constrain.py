@@ -58,32 +58,28 @@ SCHEMAS = {
 
 @pytest.mark.slow
 def test_100_schema_constrained_generations_all_validate(smollm2):
-    """25 sampled answers per schema (seeds 0..24), all 100 decoded as one batch in which each row carries its
-    own matcher: every one parses, validates, and ends on its own (the grammar closes, end-of-sequence)."""
+    """25 sampled answers per schema (seeds 0..24), decoded as one batch per schema in which each row carries
+    its own matcher: every one parses, validates, and ends on its own (the grammar closes, end-of-sequence)."""
     llm = smollm2
-    prompts, params, schemas = [], [], []
+    texts = []
     for name, (schema, question) in SCHEMAS.items():
         c = llm.constraint(json_schema=schema)
         prompt = llm.render_chat([{"role": "user", "content": question}])
-        for seed in range(25):
-            prompts.append(prompt)
-            params.append(SamplingParams(max_tokens=64, temperature=0.8, top_p=0.95, repetition_penalty=1.1,
-                                         seed=seed, constraint=c))
-            schemas.append((name, schema))
-    out = [[] for _ in params]
-    reasons = [None] * len(params)
-    for step in generate(llm.model, prompts, params, llm.eos_token_ids):
-        for t in step:
-            if t.finish_reason != "stop":
-                out[t.seq].append(t.token)
-            reasons[t.seq] = t.finish_reason
-    texts = [llm.decode(ids) for ids in out]
-    for (name, schema), text, reason in zip(schemas, texts, reasons):
-        assert reason == "stop", f"{name}: cut off before the JSON closed: {text!r}"
-        jsonschema.validate(json.loads(text), schema)
-    for i, name in enumerate(SCHEMAS):
-        group = texts[25 * i: 25 * (i + 1)]
+        params = [SamplingParams(max_tokens=64, temperature=0.8, top_p=0.95, repetition_penalty=1.1, seed=seed,
+                                 constraint=c) for seed in range(25)]
+        out = [[] for _ in params]
+        reasons = [None] * len(params)
+        for step in generate(llm.model, [prompt] * len(params), params, llm.eos_token_ids):
+            for t in step:
+                if t.finish_reason != "stop":
+                    out[t.seq].append(t.token)
+                reasons[t.seq] = t.finish_reason
+        group = [llm.decode(ids) for ids in out]
+        for text, reason in zip(group, reasons):
+            assert reason == "stop", f"{name}: cut off before the JSON closed: {text!r}"
+            jsonschema.validate(json.loads(text), schema)
         assert len(set(group)) > 5, f"{name}: different seeds should give different answers: {group[:3]}"
+        texts += group
     assert len(texts) == 100
 
 
@@ -179,3 +175,17 @@ def test_bad_regex_and_grammar(smollm2):
         smollm2.constraint(grammar="start: undefined_rule")
     with pytest.raises(MMChatError, match="only one"):
         smollm2.constraint(regex="a", json_schema={"type": "object"})
+
+
+@pytest.mark.slow
+def test_generate_command_with_a_json_schema_file(smollm2_path, tmp_path, capsys):
+    from mmchat.cli import main
+    schema, question = SCHEMAS["numbers"]
+    path = tmp_path / "weather.json"
+    path.write_text(json.dumps(schema))
+    assert main(["generate", "--model", str(smollm2_path), "--chat", question, "--json-schema", str(path),
+                 "--seed", "0", "--max-tokens", "64"]) == 0
+    jsonschema.validate(json.loads(capsys.readouterr().out), schema)
+    path.write_text('{"type": "object", "required": "name"}')
+    assert main(["generate", "--model", str(smollm2_path), "x", "--json-schema", str(path)]) == 2
+    assert "not a valid JSON schema at required" in capsys.readouterr().err

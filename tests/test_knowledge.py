@@ -141,3 +141,18 @@ def test_answers_cite_the_right_passage_and_decline_out_of_scope(smollm2, kb):
 def test_sample_dir_ships_with_the_package():
     assert sorted(p.name for p in sample_dir().iterdir()) == ["contact.txt", "payment.md", "returns.md",
                                                               "shipping.md", "warranty.md"]
+
+
+def test_kb_command(tmp_path, capsys, monkeypatch):
+    from mmchat.cli import main
+    monkeypatch.setenv("MMCHAT_HOME", str(tmp_path))
+    assert main(["kb", "add", "sample"]) == 0
+    assert "returns.md" in capsys.readouterr().out
+    assert (tmp_path / "kb.db").exists()
+    assert main(["kb", "search", "do", "you", "ship", "to", "Norway"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("[1]") and "International shipping" in out.splitlines()[0]
+    assert main(["kb", "list"]) == 0 and "Warranty" in capsys.readouterr().out
+    assert main(["kb", "add", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["kb", "search"]) == 2

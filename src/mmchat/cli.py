@@ -69,9 +69,27 @@ def cmd_rm(args):
     print(f"removed {registry.remove(args.name)}")
 
 
+def _read_json_schema(path: str | None):
+    """--json-schema FILE, read and checked before any model loads."""
+    if path is None:
+        return None
+    from pathlib import Path
+
+    from .constrain import check_json_schema
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise MMChatError(f"cannot read the JSON schema file {path}: {e.strerror}") from None
+    return check_json_schema(text, f"the JSON schema in {path}")
+
+
 def cmd_generate(args):
-    """Continue TEXT (or answer it as one chat message with --chat) and print only the new text."""
+    """Continue TEXT (or answer it as one chat message with --chat) and print only the new text.
+    --json-schema FILE makes the output JSON that validates against the schema in FILE."""
     sampling = _sampling(args, chat=args.chat)
+    schema = _read_json_schema(args.json_schema)
+    if schema is not None:
+        sampling["json_schema"] = schema
     llm = _load(args)
     pieces = llm.chat(args.text, stream=True, stop=args.stop, **sampling) if args.chat else \
         llm.stream(args.text, stop=args.stop, **sampling)
@@ -121,6 +139,68 @@ def cmd_serve(args):
           log=lambda line: print(line, file=sys.stderr, flush=True))
 
 
+def _print_stream(pieces):
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def cmd_kb(args):
+    """The knowledge base: `kb add DIR|FILE` indexes Markdown, text and PDF files; `kb search QUERY` shows the
+    best passages; `kb ask QUESTION` answers from them with citations; `kb list` shows what is indexed."""
+    from .chat.knowledge import KnowledgeBase, answer, default_path, sample_dir
+    kb = KnowledgeBase(args.db or default_path())
+    if args.action == "add":
+        for target in args.args or []:
+            for source, n in kb.add(sample_dir() if target == "sample" else target):
+                print(f"{n:4d} chunks  {source}")
+        if not args.args:
+            raise MMChatError("kb add needs a file or folder (or 'sample' for the sample shop)")
+    elif args.action == "list":
+        docs = kb.documents()
+        for d in docs:
+            print(f"{d['chunks']:4d} chunks  {d['title']}  ({d['source']})")
+        if not docs:
+            print(f"the knowledge base {kb.path} is empty; add files with: mmchat kb add DIR|FILE")
+    elif args.action == "remove":
+        for target in args.args or []:
+            print(("removed " if kb.remove(target) else "not indexed: ") + target)
+    else:
+        query = " ".join(args.args or [])
+        if not query.strip():
+            raise MMChatError(f"kb {args.action} needs a question")
+        if args.action == "search":
+            hits = kb.search(query, args.k)
+            for i, p in enumerate(hits, 1):
+                print(f"[{i}] {p.score:.2f}  {p.cite()}\n    {p.text[:300]}")
+            if not hits:
+                print("no passage matches")
+        else:
+            a = answer(_load(args), kb, query, k=args.k)
+            print(a.text)
+            for i in a.cited:
+                print(f"  [{i}] {a.passages[i - 1].cite()}")
+
+
+def cmd_write(args):
+    """Write a poem, story or article about --topic, streamed as it comes."""
+    from .chat.compose import write, write_request
+    write_request(args.form, args.topic, args.length, args.style)  # bad input fails before the model loads
+    _print_stream(write(_load(args), args.form, args.topic, args.length, args.style, **_sampling(args, chat=True)))
+
+
+def cmd_translate(args):
+    """Translate TEXT or a FILE's text --to a language (fr, de, es, ... or a name), paragraph by paragraph,
+    streamed; paragraphs and blank lines stay as they were."""
+    from pathlib import Path
+
+    from .chat.compose import language, translate
+    language(args.to)
+    text = Path(args.text).read_text() if Path(args.text).is_file() else args.text
+    _print_stream(translate(_load(args), text, args.to, getattr(args, "from"), **_sampling(args, chat=True)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmchat", description="A local, private chat assistant.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -147,6 +227,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("generate", cmd_generate, model=True)
     p.add_argument("text")
     p.add_argument("--chat", action="store_true", help="wrap TEXT as one user message in the chat template")
+    p.add_argument("--json-schema", metavar="FILE", help="constrain the output to JSON valid against this schema")
+    _add_sampling(p)
+    p = add("kb", cmd_kb, model=True)
+    p.add_argument("action", choices=["add", "search", "ask", "list", "remove"])
+    p.add_argument("args", nargs="*", help="files/folders (add, remove; 'sample' adds the sample shop) or a question")
+    p.add_argument("--db", help="the knowledge base file (default: $MMCHAT_HOME/kb.db or ~/.local/share/mmchat)")
+    p.add_argument("-k", type=int, default=3, help="passages to show or use (default: 3)")
+    p = add("write", cmd_write, model=True)
+    p.add_argument("form", choices=["poem", "story", "article"])
+    p.add_argument("--topic", required=True, help="what to write about")
+    p.add_argument("--length", default="medium", help="short, medium, long or a number of words (default: medium)")
+    p.add_argument("--style", help="e.g. 'funny', 'formal', 'for children'")
+    _add_sampling(p)
+    p = add("translate", cmd_translate, model=True)
+    p.add_argument("text", metavar="FILE|TEXT", help="a text file, or the text itself")
+    p.add_argument("--to", required=True, help="target language: fr, de, es, ... or its name")
+    p.add_argument("--from", default="en", help="source language (default: en)")
     _add_sampling(p)
     p = add("chat", cmd_chat, model=True)
     p.add_argument("--system", help="system prompt")

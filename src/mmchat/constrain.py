@@ -22,7 +22,6 @@ import threading
 import weakref
 
 import llguidance
-import llguidance.torch
 import torch
 
 from .errors import MMChatError
@@ -184,7 +183,9 @@ class Matcher:
                 bit = t % 32
                 bitmask[row, t // 32] |= -(1 << 31) if bit == 31 else 1 << bit  # int32: bit 31 is the sign
             return
-        llguidance.torch.fill_next_token_bitmask(self.m, bitmask, row)
+        # straight into our tensor's memory (llguidance.torch does the same, but importing it runs torch.compile)
+        target = bitmask[row]
+        self.m.unsafe_compute_mask_ptr(target.data_ptr(), target.numel() * target.element_size())
 
     def consume(self, token: int) -> bool:
         return self.m.consume_token(token)
@@ -199,7 +200,8 @@ class Matcher:
 
 
 def allocate_bitmask(rows: int, vocab_size: int) -> torch.Tensor:
-    return torch.full((rows, (vocab_size + 31) // 32), -1, dtype=torch.int32)  # (N, W) all allowed
+    """(N, W) int32 on the CPU, contiguous (the matchers write its rows in place), all tokens allowed."""
+    return torch.full((rows, (vocab_size + 31) // 32), -1, dtype=torch.int32)
 
 
 _BITS = torch.arange(32, dtype=torch.int32)

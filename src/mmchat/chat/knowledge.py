@@ -255,6 +255,14 @@ class KnowledgeBase:
                 if p.score >= min_score and terms and len(p.matched) / len(terms) >= min_coverage]
 
 
+def default_path() -> Path:
+    """$MMCHAT_HOME/kb.db, else $XDG_DATA_HOME/mmchat/kb.db (~/.local/share/mmchat/kb.db)."""
+    import os
+    if os.environ.get("MMCHAT_HOME"):
+        return Path(os.environ["MMCHAT_HOME"]).expanduser() / "kb.db"
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "mmchat" / "kb.db"
+
+
 def sample_dir() -> Path:
     return Path(str(resources.files("mmchat") / "data" / "kb"))
 
