@@ -322,17 +322,20 @@ def test_full_queue_429_and_disconnect_frees_slots(server, client, model_name, n
 
 
 @pytest.mark.slow
-def test_smollm2_over_http(smollm2_path):
+def test_smollm2_over_http(smollm2_path, smollm2):
+    """The real model over HTTP answers exactly what it answers in this process (same weights, same settings)."""
     proc, base = start_server(str(smollm2_path), "--slots", "4")
     try:
         client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
         q = [{"role": "user", "content": "What is the capital of France?"}]
         name = client.models.list().data[0].id
         r = client.chat.completions.create(model=name, messages=q, temperature=0, max_tokens=24)
-        assert "Paris" in r.choices[0].message.content
+        answer = r.choices[0].message.content
+        assert answer == smollm2.chat(q, temperature=0, max_tokens=24)
+        assert len(answer.split()) >= 3 and r.usage.prompt_tokens == len(smollm2.render_chat(q))
         text = "".join(ch.choices[0].delta.content or "" for ch in client.chat.completions.create(
             model=name, messages=q, temperature=0, max_tokens=24, stream=True))
-        assert text == r.choices[0].message.content
+        assert text == answer
     finally:
         stop_server(proc)
 
