@@ -20,8 +20,9 @@ def load_base(model: str):
     if path.is_dir() and (path / CHECKPOINT).exists():
         from .export import load_run
         return load_run(path)
-    # trained in float32 with plain weights: no bf16 or weight-only quantization, which inference may choose
-    return LLM.load(model, dtype=torch.float32, quant=None, device="cpu", progress=False)
+    # trained in float32 with plain weights: no bf16 or weight-only quantization, which inference may choose;
+    # no converted-weights cache either (a float32 copy of every base model would fill it)
+    return LLM.load(model, dtype=torch.float32, quant=None, device="cpu", progress=False, cache=False)
 
 
 def tokenizer_meta(tokenizer) -> dict:
