@@ -51,12 +51,7 @@ def build_model(config, tensors: dict[str, torch.Tensor], dtype=torch.float32, d
 
 def _cache_meta(model: Transformer, tok: Tokenizer, template: str | None, dtype, quant) -> dict:
     from . import quantize
-    kinds = {}
-    if quant:
-        kinds = {name: "int4" if isinstance(mod, quantize.Int4Linear) else "int8"
-                 for name, mod in model.named_modules() if isinstance(mod, (quantize.Int4Linear,
-                                                                            quantize.Int8Linear))}
-        kinds["tok_embeddings"] = "int8"
+    kinds = quantize.kinds_of(model) if quant else {}
     return {"config": model.cfg.to_dict(), "dtype": str(dtype).removeprefix("torch."), "quant": quant,
             "kinds": kinds, "chat_template": template, "tokenizer": tok.tok.to_str(),
             "bos_token_id": tok.bos_token_id, "eos_token_ids": tok.eos_token_ids, "add_bos": tok.add_bos}
@@ -89,9 +84,7 @@ def _from_cache(meta: dict, tensors: dict[str, torch.Tensor], device):
     if meta["quant"]:
         quantize.restructure(model, meta["kinds"], dtype, "meta")
     model.load_state_dict({k: v.to(device) for k, v in tensors.items()}, strict=False, assign=True)
-    if meta["quant"]:
-        quantize.tie(model)
-    elif cfg.tie_embeddings:
+    if not meta["quant"] and cfg.tie_embeddings:
         model.lm_head.weight = model.tok_embeddings.weight
     if any(t.is_meta for t in model.state_dict().values()):
         return None  # an entry from another layout: convert again
@@ -164,8 +157,10 @@ class LLM:
         start = time.perf_counter()
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype, quant = quantize.parse_dtype(dtype), quantize.parse_quant(quant)
-        if torch.device(device).type == "cpu" and torch.get_num_threads() != quantize.physical_cores():
-            torch.set_num_threads(quantize.physical_cores())
+        if torch.device(device).type == "cpu":
+            threads = quantize.choose_threads()
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
         path = registry.resolve(model, progress=progress)
         dev_type = torch.device(device).type
         variant = f"{dev_type}-{str(dtype or 'auto').removeprefix('torch.')}-{quant}"

@@ -34,10 +34,22 @@ def _status(message: str):
         print(message, file=sys.stderr, flush=True)
 
 
+def _add_speed(p: argparse.ArgumentParser):
+    g = p.add_argument_group("speed (default: the fastest choice for this machine)")
+    g.add_argument("--dtype", default="auto", help="compute dtype: auto, float32, bfloat16, float16")
+    g.add_argument("--quant", default="auto",
+                   help="weights: auto, none, int8, int4, gguf (a GGUF file's Q4 blocks kept as they are)")
+
+
+def load_options(args) -> dict:
+    """LLM.load keyword arguments from --dtype/--quant, where the command has them."""
+    return {k: getattr(args, k) for k in ("dtype", "quant") if getattr(args, k, None) is not None}
+
+
 def _load(args):
     from .api import load
     _status(f"loading {args.model} ...")
-    llm = load(args.model)
+    llm = load(args.model, **load_options(args))
     _status(f"loaded {llm.config.name or args.model} ({llm.config.n_params / 1e6:.0f}M parameters) "
             f"in {llm.load_seconds:.1f} s")
     return llm
@@ -201,6 +213,21 @@ def cmd_translate(args):
     _print_stream(translate(_load(args), text, args.to, getattr(args, "from"), **_sampling(args, chat=True)))
 
 
+def cmd_bench(args):
+    """Measure load time, prefill and decode speed (1 and --batch sequences) and peak memory on this machine."""
+    import json
+
+    from .bench import report, run
+    for name in ("new_tokens", "prefill_tokens", "batch", "repeats"):
+        if getattr(args, name) < 1:
+            raise MMChatError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
+    result = run(args.model, new_tokens=args.new_tokens, prefill_tokens=args.prefill_tokens, batch=args.batch,
+                 repeats=args.repeats, progress=True, **load_options(args))
+    print(report(result))
+    if args.json:
+        print(json.dumps(result))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmchat", description="A local, private chat assistant.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -224,7 +251,15 @@ def build_parser() -> argparse.ArgumentParser:
     from .train.commands import add_export_arguments, add_train_arguments
     add_train_arguments(add("train", cmd_train))
     add_export_arguments(add("export", cmd_export))
+    p = add("bench", cmd_bench, model=True)
+    _add_speed(p)
+    p.add_argument("--new-tokens", type=int, default=128, help="tokens to generate per run (default: 128)")
+    p.add_argument("--prefill-tokens", type=int, default=512, help="length of the long prompt (default: 512)")
+    p.add_argument("--batch", type=int, default=8, help="sequences decoding together (default: 8)")
+    p.add_argument("--repeats", type=int, default=3, help="runs; medians are reported (default: 3)")
+    p.add_argument("--json", action="store_true", help="also print the results as one JSON object, last line")
     p = add("generate", cmd_generate, model=True)
+    _add_speed(p)
     p.add_argument("text")
     p.add_argument("--chat", action="store_true", help="wrap TEXT as one user message in the chat template")
     p.add_argument("--json-schema", metavar="FILE", help="constrain the output to JSON valid against this schema")

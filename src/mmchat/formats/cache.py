@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def entry_stem(root: Path, source: Path, variant: str) -> Path:
