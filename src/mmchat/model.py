@@ -30,6 +30,19 @@ def attention_reference(q, k, v, mask=None):
     return weights @ v, weights  # (B, nh, T, hs), (B, nh, T, S)
 
 
+def attention_decode(q, k, v, mask):
+    """Attention for one new token per row (decode) as plain matmuls, the query heads that share a K/V head
+    batched together: for a single query the fused kernel's setup costs more than the work (4x at batch 8).
+    q: (B, nh, 1, hs); k, v: (B, nkv, S, hs); mask: (B, 1, 1, S) bool. Returns (B, nh, 1, hs)."""
+    B, nh, _, hs = q.shape
+    nkv, S = k.size(1), k.size(2)
+    qg = q.reshape(B, nkv, nh // nkv, hs)  # (B, nkv, g, hs)
+    scores = (qg @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nkv, g, S)
+    scores = scores.masked_fill(~mask.view(B, 1, 1, S), float("-inf"))
+    weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)  # (B, nkv, g, S)
+    return (weights @ v).reshape(B, nh, 1, hs)
+
+
 def rope_tables(head_dim: int, max_len: int, theta: float):
     """cos and sin of position * theta^(-2i/d) for every position, (max_len, head_dim), HF's half-split layout."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (hs/2,)
@@ -115,6 +128,8 @@ class Attention(nn.Module):
             groups = self.n_head // self.n_kv_head
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, nh, S, hs)
             y, self.last_weights = attention_reference(q, k, v, mask)
+        elif T == 1 and mask is not None:
+            y = attention_decode(q, k, v, mask)  # (B, nh, 1, hs)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                enable_gqa=self.n_head != self.n_kv_head)  # (B, nh, T, hs)
