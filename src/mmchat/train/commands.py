@@ -117,7 +117,8 @@ def run_train(args):
                      resume=args.resume, eval_fraction=args.eval_fraction)
     if result["evals"] and os.environ.get("RANK", "0") == "0":
         last = result["evals"][-1]
-        print(f"done: step {result['step']}, eval loss {last['loss']:.3f} (perplexity {last['ppl']:.1f}); "
+        print(f"done: step {result['step']}, eval loss {last['loss']:.3f} at step {last['step']} "
+              f"(perplexity {last['ppl']:.1f}); "
               f"checkpoint in {out}; TensorBoard: tensorboard --logdir {out}/tb; "
               f"export: mmchat export {out} --to gguf --out model.gguf", file=sys.stderr)
 
