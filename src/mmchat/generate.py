@@ -136,12 +136,12 @@ class Sampler:
             self.bitmask = allocate_bitmask(len(self.params), self.vocab_size)
         for i in constrained:
             self.matchers[rows[i]].fill(self.bitmask, rows[i])
-        sel = torch.tensor([rows[i] for i in constrained])
-        allowed = unpack_bitmask(self.bitmask[sel], logits.size(-1)).to(logits.device)  # (C, V)
-        at = torch.tensor(constrained, device=logits.device)
-        logits = logits.clone()
-        logits[at] = logits[at].masked_fill(~allowed, float("-inf"))
-        return logits
+        words = self.bitmask[torch.tensor(rows)]  # (B, W); unconstrained rows keep their all-ones words
+        if len(constrained) < len(rows):
+            words = words.clone()
+            words[[i for i in range(len(rows)) if i not in set(constrained)]] = -1
+        allowed = unpack_bitmask(words, logits.size(-1)).to(logits.device)  # (B, V)
+        return logits.masked_fill(~allowed, float("-inf"))  # one pass, no scatter back into rows
 
     def penalize(self, logits: torch.Tensor, rows: list[int] | None = None) -> torch.Tensor:
         """logits: (B, V) float32 -> penalized (B, V)."""
