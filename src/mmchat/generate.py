@@ -136,10 +136,10 @@ class Sampler:
             self.bitmask = allocate_bitmask(len(self.params), self.vocab_size)
         for i in constrained:
             self.matchers[rows[i]].fill(self.bitmask, rows[i])
-        words = self.bitmask[torch.tensor(rows)]  # (B, W); unconstrained rows keep their all-ones words
-        if len(constrained) < len(rows):
-            words = words.clone()
-            words[[i for i in range(len(rows)) if i not in set(constrained)]] = -1
+        words = self.bitmask[torch.tensor(rows)]  # (B, W), a copy
+        free = sorted(set(range(len(rows))) - set(constrained))
+        if free:  # their bitmask rows may hold a previous sequence's mask: allow everything
+            words[free] = -1
         allowed = unpack_bitmask(words, logits.size(-1)).to(logits.device)  # (B, V)
         return logits.masked_fill(~allowed, float("-inf"))  # one pass, no scatter back into rows
 
