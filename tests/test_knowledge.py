@@ -156,3 +156,11 @@ def test_kb_command(tmp_path, capsys, monkeypatch):
     assert main(["kb", "add", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["kb", "search"]) == 2
+
+
+def test_extractive_answer_is_a_cited_sentence_of_its_passage(smollm2, kb):
+    from mmchat.chat.knowledge import sentences
+    a = answer(smollm2, kb, "How much is express shipping?", seed=0, extractive=True)
+    body, cite = a.text.rsplit(" [", 1)
+    n = int(cite.rstrip("]"))
+    assert a.cited == [n] and body in sentences(a.passages[n - 1].text)

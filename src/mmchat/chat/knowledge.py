@@ -10,6 +10,7 @@ the prompt, asks for citations, and declines when nothing relevant is found.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import sqlite3
 import threading
@@ -296,14 +297,33 @@ def grounded_messages(question: str, passages: list[Passage], system: str = "",
             {"role": "user", "content": question}]
 
 
+def sentences(text: str) -> list[str]:
+    return [s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if s.strip()]
+
+
+def extractive_grammar(passages: list[Passage], per_passage: int = 12) -> str:
+    """A Lark grammar whose sentences are the passages' own sentences, each followed by its passage's number:
+    the model only chooses which sentence answers, so the answer is the documents' wording, correctly cited."""
+    rules, names = [], []
+    for i, p in enumerate(passages, 1):
+        options = list(dict.fromkeys(sentences(p.text)))[:per_passage]
+        if options:
+            rules.append(f"p{i}: ({' | '.join(json.dumps(s) for s in options)}) \" [{i}]\"")
+            names.append(f"p{i}")
+    return "\n".join([f"start: {' | '.join(names)}", *rules])
+
+
 def answer(llm, kb: KnowledgeBase, question: str, k: int = 3, system: str = "", history: list[dict] = (),
-           min_score: float = 0.0, **sampling) -> Answer:
+           min_score: float = 0.0, extractive: bool = False, **sampling) -> Answer:
     """Retrieve, then answer from the passages with citations; decline without asking the model when nothing
     relevant is found. A citation the model leaves out is added for the best passage (the answer came from
-    what it was shown)."""
+    what it was shown). extractive=True constrains the answer to one of the passages' own sentences with its
+    citation (a small model otherwise often ignores what it was shown)."""
     passages = kb.retrieve(question, k, min_score)
     if not passages:
         return Answer(DONT_KNOW, [], [], True)
+    if extractive:
+        sampling = {**sampling, "constraint": llm.constraint(grammar=extractive_grammar(passages))}
     text = llm.chat(grounded_messages(question, passages, system, list(history)),
                     **{"temperature": 0.2, "max_tokens": 160, **sampling}).strip()
     cited = sorted({int(n) for n in re.findall(r"\[(\d+)\]", text) if 1 <= int(n) <= len(passages)})
