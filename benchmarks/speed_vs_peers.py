@@ -32,12 +32,20 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def prompts(tokenizer_encode, chat_ids: list[int], n_long: int) -> tuple[list[int], list[int]]:
-    from mmchat.bench import FILLER
-    long: list[int] = []
-    while len(long) < n_long:
-        long += tokenizer_encode(FILLER)
-    return chat_ids, long[:n_long]
+def token_ids() -> tuple[list[int], list[int]]:
+    """The chat prompt and the 512-token prompt, tokenized once by the coordinator (so no worker but mmchat's
+    carries mmchat and torch in its memory): the same ids for every engine."""
+    with open(os.environ["BENCH_IDS"]) as f:
+        ids = json.load(f)
+    return ids["chat"], ids["long"]
+
+
+def write_token_ids(model: str, path: str):
+    import mmchat
+    from mmchat.bench import prompt_of
+    llm = mmchat.load(model, progress=False)
+    with open(path, "w") as f:
+        json.dump({"chat": llm.render_chat(CHAT), "long": prompt_of(llm.tokenizer, 512)}, f)
 
 
 class MMChatWorker:
@@ -45,13 +53,11 @@ class MMChatWorker:
         import torch
 
         import mmchat
-        from mmchat.bench import prompt_of
         t = time.perf_counter()
         self.llm = mmchat.load(model, progress=False)
         self.load_s = time.perf_counter() - t
         torch.set_num_threads(threads)
-        self.chat = self.llm.render_chat(CHAT)
-        self.long = prompt_of(self.llm.tokenizer, 512)
+        self.chat, self.long = token_ids()
         self.info = {"dtype": str(self.llm.model.norm.weight.dtype), "torch": torch.__version__}
 
     def round(self, new_tokens: int, batch: int) -> dict:
@@ -66,17 +72,11 @@ class MMChatWorker:
 class LlamaCppWorker:
     def __init__(self, model: str, threads: int):
         from llama_cpp import Llama
-
-        import mmchat
         t = time.perf_counter()
         self.llm = Llama(model_path=model, n_threads=threads, n_threads_batch=threads, n_ctx=1024, n_batch=512,
                          verbose=False)
         self.load_s = time.perf_counter() - t
-        ours = mmchat.load(model, progress=False)  # the same token ids for every engine
-        self.chat = ours.render_chat(CHAT)
-        from mmchat.bench import prompt_of
-        self.long = prompt_of(ours.tokenizer, 512)
-        del ours
+        self.chat, self.long = token_ids()
         import llama_cpp
         self.info = {"llama_cpp_python": llama_cpp.__version__}
 
@@ -107,17 +107,12 @@ class TransformersWorker:
         import transformers
         from transformers import AutoModelForCausalLM
 
-        import mmchat
-        from mmchat.bench import prompt_of
         torch.set_num_threads(threads)
         t = time.perf_counter()
         self.model = AutoModelForCausalLM.from_pretrained(os.path.dirname(model), gguf_file=os.path.basename(model),
                                                           dtype=torch.bfloat16).eval()
         self.load_s = time.perf_counter() - t
-        ours = mmchat.load(model, progress=False, quant=None, cache=False)
-        self.chat = ours.render_chat(CHAT)
-        self.long = prompt_of(ours.tokenizer, 512)
-        del ours
+        self.chat, self.long = token_ids()
         self.torch = torch
         self.info = {"transformers": transformers.__version__, "dtype": "bfloat16"}
 
@@ -230,6 +225,9 @@ def main():
             engines.append(e)
     print(f"model {args.model}, {args.threads} threads, {args.rounds} rounds, engines: {', '.join(engines)}",
           file=sys.stderr)
+    import tempfile
+    os.environ["BENCH_IDS"] = os.path.join(tempfile.mkdtemp(), "ids.json")  # the workers inherit it
+    write_token_ids(args.model, os.environ["BENCH_IDS"])
     loads = {e: load_time(e, args.model, args.threads) for e in engines}  # also warms mmchat's cache
     loads = {e: load_time(e, args.model, args.threads) for e in engines}
     workers = {e: Worker(e, args.model, args.threads) for e in engines}
