@@ -36,7 +36,7 @@ def conversation(base: LLM, turns: int, max_tokens: int, reuse: bool) -> list:
     stats = []
     for q in QUESTIONS[:turns]:
         if not reuse:  # overwrite the slot's cached tokens with an unrelated one-token request
-            llm.engine.submit([1], SamplingParams(max_tokens=1, temperature=0)).tokens()
+            llm.engine.submit(llm.encode("zebra")[:1], SamplingParams(max_tokens=1, temperature=0)).tokens()
         chat.send(q)
         stats.append(chat.last)
     llm.engine.close()
