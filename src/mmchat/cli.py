@@ -148,7 +148,22 @@ def cmd_serve(args):
     from .serve.app import serve
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("MMCHAT_API_KEY"),
           slots=args.slots, max_len=args.context, max_queue=args.queue,
-          log=lambda line: print(line, file=sys.stderr, flush=True))
+          log=lambda line: print(line, file=sys.stderr, flush=True), **load_options(args))
+
+
+def cmd_bench(args):
+    """Measure load time, prefill and decode speed (1 and --batch sequences) and peak memory on this machine."""
+    import json
+
+    from .bench import report, run
+    for name in ("new_tokens", "prefill_tokens", "batch", "repeats"):
+        if getattr(args, name) < 1:
+            raise MMChatError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
+    result = run(args.model, new_tokens=args.new_tokens, prefill_tokens=args.prefill_tokens, batch=args.batch,
+                 repeats=args.repeats, progress=True, **load_options(args))
+    print(report(result))
+    if args.json:
+        print(json.dumps(result))
 
 
 def _print_stream(pieces):
@@ -211,21 +226,6 @@ def cmd_translate(args):
     language(args.to)
     text = Path(args.text).read_text() if Path(args.text).is_file() else args.text
     _print_stream(translate(_load(args), text, args.to, getattr(args, "from"), **_sampling(args, chat=True)))
-
-
-def cmd_bench(args):
-    """Measure load time, prefill and decode speed (1 and --batch sequences) and peak memory on this machine."""
-    import json
-
-    from .bench import report, run
-    for name in ("new_tokens", "prefill_tokens", "batch", "repeats"):
-        if getattr(args, name) < 1:
-            raise MMChatError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
-    result = run(args.model, new_tokens=args.new_tokens, prefill_tokens=args.prefill_tokens, batch=args.batch,
-                 repeats=args.repeats, progress=True, **load_options(args))
-    print(report(result))
-    if args.json:
-        print(json.dumps(result))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -298,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slots", type=int, default=8, help="sequences decoded together (default: 8)")
     p.add_argument("--context", type=int, default=2048, help="tokens per sequence, prompt + answer (default: 2048)")
     p.add_argument("--queue", type=int, default=64, help="requests that may wait for a slot (default: 64)")
+    _add_speed(p)
     return parser
 
 
