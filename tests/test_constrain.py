@@ -90,8 +90,8 @@ def test_chat_response_format_json_schema_through_the_engine(smollm2):
     for seed in (1, 2):
         text = smollm2.chat(question, response_format=rf, seed=seed, max_tokens=48)
         jsonschema.validate(json.loads(text), schema)
-    text = smollm2.chat("Give a JSON object describing a cat.", response_format={"type": "json_object"}, seed=3,
-                        max_tokens=200, temperature=0)  # room to close the object: a cut-off one does not parse
+    text = smollm2.chat("Give a JSON object with two keys, name and age, for a cat.",
+                        response_format={"type": "json_object"}, seed=3, max_tokens=200, temperature=0)
     assert isinstance(json.loads(text), dict)
 
 
