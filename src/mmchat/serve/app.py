@@ -136,6 +136,17 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
+def stream_chunk(cid: str, kind: str, created: int, model_name: str, choices: list, include_usage: bool,
+                 usage=None) -> str:
+    """One SSE event of a streamed completion; with include_usage every chunk carries `usage` (null until the
+    last one), as OpenAI sends it."""
+    body = {"id": cid, "object": kind, "created": created, "model": model_name, "system_fingerprint": None,
+            "choices": choices}
+    if include_usage:
+        body["usage"] = usage
+    return oa.sse(body)
+
+
 def create_app(llm: LLM, model_name: str, api_key: str | None = None, slots: int = 8,
                max_len: int | None = None, max_queue: int = 64, store_path: str | Path | None = None) -> FastAPI:
     engine = llm.start_engine(slots=slots, max_len=max_len, max_queue=max_queue)
@@ -376,11 +387,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, slots: int
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         def chunk(choice_list, usage=None):
-            body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                    "system_fingerprint": None, "choices": choice_list}
-            if include_usage:
-                body["usage"] = usage
-            return oa.sse(body)
+            return stream_chunk(cid, "chat.completion.chunk", created, model_name, choice_list, include_usage, usage)
 
         async def stream():
             for c in choices:
@@ -453,11 +460,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, slots: int
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         def chunk(choice_list, usage=None):
-            body = {"id": cid, "object": "text_completion", "created": created, "model": model_name,
-                    "system_fingerprint": None, "choices": choice_list}
-            if include_usage:
-                body["usage"] = usage
-            return oa.sse(body)
+            return stream_chunk(cid, "text_completion", created, model_name, choice_list, include_usage, usage)
 
         async def stream():
             emitted = [0] * len(choices)
