@@ -389,3 +389,24 @@ def test_response_format_json_schema(client, model_name):
     value = json.loads(r.choices[0].message.content)
     assert value["answer"] in ("yes", "no") and 0 <= value["count"] <= 9 and set(value) == {"answer", "count"}
     assert r.choices[0].finish_reason == "stop"
+
+
+def test_openai_parse_with_a_pydantic_model(client, model_name):
+    """The `openai` client's parse(): it sends the Pydantic model as a strict json_schema and reads the answer
+    back into that model; the schema's enum and bounds hold even for a random model."""
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+
+    class Verdict(BaseModel):
+        answer: Literal["yes", "no"]
+        confidence: int = Field(ge=0, le=9)
+        tags: list[Literal["short", "long"]] = Field(max_length=3)
+
+    parse = getattr(client.chat.completions, "parse", None) or client.beta.chat.completions.parse
+    for seed in (1, 2, 3):
+        r = parse(model=model_name, messages=MESSAGES, response_format=Verdict, temperature=1.0, seed=seed,
+                  max_tokens=60)
+        verdict = r.choices[0].message.parsed
+        assert isinstance(verdict, Verdict), r.choices[0].message.content
+        assert verdict.answer in ("yes", "no") and 0 <= verdict.confidence <= 9
