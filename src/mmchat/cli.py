@@ -228,6 +228,16 @@ def cmd_translate(args):
     _print_stream(translate(_load(args), text, args.to, getattr(args, "from"), **_sampling(args, chat=True)))
 
 
+def cmd_forget(args):
+    """Delete saved conversations for real (their text is wiped from the database files): one by id, or --all."""
+    from .chat.store import Store
+    if bool(args.id) == args.all:
+        raise MMChatError("give a conversation id or --all (not both); `mmchat chat --list` shows the ids")
+    store = Store()
+    count = store.forget(None if args.all else args.id)
+    print(f"forgot {count} conversation{'s' if count != 1 else ''} ({store.path})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmchat", description="A local, private chat assistant.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -248,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", type=int, help="layer of the large single-head map (default: the last)")
     p.add_argument("--head", type=int, help="head of the large single-head map (default: 0)")
     add("rm", cmd_rm).add_argument("name")
+    p = add("forget", cmd_forget)
+    p.add_argument("id", nargs="?", help="a conversation id (or a unique prefix of one)")
+    p.add_argument("--all", action="store_true", help="every saved conversation")
     from .train.commands import add_export_arguments, add_train_arguments
     add_train_arguments(add("train", cmd_train))
     add_export_arguments(add("export", cmd_export))

@@ -110,6 +110,7 @@ class Store:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.execute("PRAGMA foreign_keys=ON")
+            self.db.execute("PRAGMA secure_delete=ON")  # deleted text is overwritten, not left in free pages
             version = self.db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise MMChatError(f"{self.path} was written by a newer mmchat (schema {version}); upgrade mmchat")
@@ -194,6 +195,21 @@ class Store:
         cid = self.resolve(conversation_id)
         self._write(("DELETE FROM messages WHERE conversation_id = ?", (cid,)),
                     ("DELETE FROM conversations WHERE id = ?", (cid,)))
+
+    def forget(self, conversation_id: str | None = None) -> int:
+        """Delete one conversation (or all, with None) so that its text is gone from the files: secure_delete
+        zeroes the freed pages, the WAL is checkpointed and truncated, and VACUUM rebuilds the file.
+        Returns how many conversations were deleted."""
+        if conversation_id is None:
+            count = self.db.execute("SELECT COUNT(*) FROM conversations").fetchone()[0]
+            self._write(("DELETE FROM messages", ()), ("DELETE FROM conversations", ()))
+        else:
+            self.delete(conversation_id)
+            count = 1
+        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self.db.execute("VACUUM")
+        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return count
 
     # -- messages ---------------------------------------------------------------------------------------------
     def append(self, conversation_id: str, role: str, content: str, meta: dict | None = None) -> int:
