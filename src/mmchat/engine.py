@@ -325,26 +325,20 @@ class Engine:
             self._emit([slot], logits)
 
     def _decode(self, decoding: list[Slot]):
-        """One forward pass for every decoding slot. Rows 0..hi of the cache step together (views, no copies);
-        rows in that range that are not decoding feed a dummy token just past their cached tokens (a slot
-        nobody reads yet; the next prefill there overwrites it), or at the scratch position when full. Low
-        positions keep the attended part of the cache short."""
-        hi = max(s.index for s in decoding) + 1
-        scratch = self.max_len - 1
-        tokens = torch.zeros(hi, 1, dtype=torch.long, device=self.device)  # (hi, 1)
-        positions = torch.tensor([[min(len(self.slots[i].tokens), scratch)] for i in range(hi)],
-                                 device=self.device)  # (hi, 1)
-        for s in decoding:
-            tokens[s.index, 0] = s.next_token
-            positions[s.index, 0] = len(s.tokens)
-        logits = self.model(tokens, positions)[:, -1]  # (hi, V)
+        """One forward pass for the decoding slots only. When they are cache rows 0..B-1 the cache is read as
+        views; otherwise `cache_rows` gathers their rows, which costs little next to the weights because only
+        the used part of each row is read. Idle slots cost nothing."""
+        index = [s.index for s in decoding]
+        tokens = torch.tensor([[s.next_token] for s in decoding], dtype=torch.long, device=self.device)  # (B, 1)
+        positions = torch.tensor([[len(s.tokens)] for s in decoding], device=self.device)  # (B, 1)
+        rows = None if index == list(range(len(index))) else torch.tensor(index, device=self.device)  # (B,)
+        logits = self.model(tokens, positions, cache_rows=rows)[:, -1]  # (B, V)
         for s in decoding:
             s.tokens.append(s.next_token)
-        rows = torch.tensor([s.index for s in decoding], device=self.device)
         self.stats.decode_steps += 1
         self.stats.batch_size = len(decoding)
         self.stats.max_batch_size = max(self.stats.max_batch_size, len(decoding))
-        self._emit(decoding, logits[rows])
+        self._emit(decoding, logits)
 
     def _emit(self, slots: list[Slot], logits: torch.Tensor):
         """Sample the next token of each slot from its logits (B, V), hand it out, and end finished requests."""
