@@ -30,11 +30,17 @@ ALIASES = {"smollm2-135m-instruct": "smollm2", "default": "smollm2"}
 DEFAULT_MODEL = "smollm2"
 
 
-def home() -> Path:
-    """mmchat's cache dir: $MMCHAT_HOME, else $XDG_CACHE_HOME/mmchat, else ~/.cache/mmchat."""
+def user_dir(xdg_var: str, fallback: str) -> Path:
+    """One of mmchat's folders: $MMCHAT_HOME when set (everything in one place), else $XDG_var/mmchat,
+    else ~/FALLBACK/mmchat, e.g. user_dir("XDG_CACHE_HOME", ".cache")."""
     if os.environ.get("MMCHAT_HOME"):
         return Path(os.environ["MMCHAT_HOME"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mmchat"
+    return Path(os.environ.get(xdg_var) or Path.home() / fallback) / "mmchat"
+
+
+def home() -> Path:
+    """mmchat's cache dir: $MMCHAT_HOME, else $XDG_CACHE_HOME/mmchat, else ~/.cache/mmchat."""
+    return user_dir("XDG_CACHE_HOME", ".cache")
 
 
 def models_dir() -> Path:

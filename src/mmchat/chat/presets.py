@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ..errors import MMChatError
 from ..generate import SamplingParams
+from ..registry import user_dir
 
 SAMPLING_FIELDS = {f.name: f.type for f in fields(SamplingParams)}
 TOP_LEVEL = {"description": str, "system": str, "model": str, "variables": dict, "sampling": dict, "messages": list}
@@ -33,9 +34,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 def config_dir() -> Path:
     """$MMCHAT_HOME, else $XDG_CONFIG_HOME/mmchat, else ~/.config/mmchat."""
-    if os.environ.get("MMCHAT_HOME"):
-        return Path(os.environ["MMCHAT_HOME"]).expanduser()
-    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "mmchat"
+    return user_dir("XDG_CONFIG_HOME", ".config")
 
 
 def user_presets_dir() -> Path:

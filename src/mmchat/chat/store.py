@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import MMChatError
+from ..registry import user_dir
 
 SCHEMA_VERSION = 1
 SCHEMA = """
@@ -38,9 +39,7 @@ CREATE TABLE IF NOT EXISTS messages (
 
 def data_dir() -> Path:
     """Where conversations live: $MMCHAT_HOME, else $XDG_DATA_HOME/mmchat, else ~/.local/share/mmchat."""
-    if os.environ.get("MMCHAT_HOME"):
-        return Path(os.environ["MMCHAT_HOME"]).expanduser()
-    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "mmchat"
+    return user_dir("XDG_DATA_HOME", ".local/share")
 
 
 @dataclass
