@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --quiet --disable-pip-version-check
 
-.PHONY: chat test test-fast install browser clean
+.PHONY: chat test test-fast install browser speech-tools clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -25,7 +25,13 @@ browser:
 	  { command -v apt-get >/dev/null 2>&1 && apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } || \
 	  echo "chromium is not installed and could not be: the web page test will be skipped"
 
-test: $(VENV)/.installed browser
+# the espeak voice (speech out, and the spoken clips of the speech tests) is Debian's espeak-ng; get it if missing
+speech-tools:
+	@command -v espeak-ng >/dev/null 2>&1 || \
+	  { command -v apt-get >/dev/null 2>&1 && apt-get update -qq && apt-get install -y -qq espeak-ng >/dev/null; } || \
+	  echo "espeak-ng is not installed and could not be: the espeak voice's tests will be skipped"
+
+test: $(VENV)/.installed browser speech-tools
 	$(PY) -m pytest -q
 
 test-fast: $(VENV)/.installed

