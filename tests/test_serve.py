@@ -214,7 +214,8 @@ def test_completions_endpoint(client, local, model_name):
 
 
 @pytest.mark.parametrize("field, value, param", [
-    ("tools", [{"type": "function", "function": {"name": "f"}}], "tools"),
+    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "nope"}}}], "tools"),
+    ("functions", [{"name": "f"}], "functions"),
     ("response_format", {"type": "xml"}, "response_format"),
     ("modalities", ["audio"], "modalities"),
     ("frobnicate", 1, "frobnicate"),

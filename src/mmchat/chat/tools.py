@@ -338,7 +338,11 @@ def tool_constraint(tools: list[Tool], mode: str, parallel: bool, tokenizer, voc
 
 
 def parse_tool_calls(text: str) -> tuple[str | None, list[dict]]:
-    """The model's output -> (its text content or None, OpenAI tool_calls with arguments as JSON text)."""
+    """The model's output -> (its text content or None, OpenAI tool_calls with arguments as JSON text). Only an
+    answer that begins with a call is calls (the grammar's call branch): a plain answer that mentions the tag
+    later was never constrained, so it stays text."""
+    if not text.lstrip().startswith(CALL_OPEN):
+        return text, []
     calls = []
     for m in re.finditer(re.escape(CALL_OPEN) + r"(.*?)" + re.escape(CALL_CLOSE), text, re.S):
         try:

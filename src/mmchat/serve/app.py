@@ -26,6 +26,7 @@ from ..errors import MMChatError
 from ..generate import SamplingParams, TokenOut, with_seed_offset
 from ..tokenizer import StreamDecoder
 from . import openai as oa
+from . import tools as tool_calls
 
 MAX_BODY_BYTES = 2 * 1024 * 1024  # a context window of text is far smaller; anything bigger is a mistake
 STATIC = Path(__file__).parent / "static"
@@ -352,13 +353,21 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, slots: int
     async def chat_completions(request: Request):
         req, params, stop = oa.parse_request(await read_json(request), "chat", llm.config.vocab_size)
         check_model(req.model)
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text(),
-                     **({"name": m.name} if m.name else {})} for m in req.messages]
-        try:
-            prompt = llm.render_chat(messages)
-        except MMChatError as e:
-            raise oa.APIError(400, str(e), "messages") from None
+        messages = tool_calls.chat_messages(req)
+        tools = tool_calls.plan(req)  # None without tools; 400 for a broken tool schema or tool_choice
+        if tool_calls.uses_tools(messages, tools):
+            prompt = tool_calls.render(llm, messages, tools)
+        else:
+            try:
+                prompt = llm.render_chat(messages)
+            except MMChatError as e:
+                raise oa.APIError(400, str(e), "messages") from None
         params = fit(prompt, params, CHAT_DEFAULTS["max_tokens"])
+        if tools is not None and tools.constrained:  # calls whose arguments always fit their tool's schema
+            if (req.response_format or {}).get("type", "text") != "text":
+                raise oa.APIError(400, "response_format cannot be combined with tools the model may call; "
+                                  "send tool_choice 'none' or leave one out", "response_format")
+            params = replace(params, constraint=tool_calls.constraint(llm, tools))
         if req.response_format is not None:  # constrained decoding: every token must keep the output valid
             try:
                 params = replace(params, constraint=llm.constraint(response_format=req.response_format))
@@ -368,6 +377,15 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, slots: int
         choices = [ChoiceText(i, llm.tokenizer, stop) for i in range(req.n)]
         cid, created = oa.new_id("chatcmpl"), oa.now()
         want_logprobs = req.logprobs
+        calling = tools is not None and tools.constrained
+
+        def message(c: ChoiceText) -> tuple[dict, str | None]:
+            """A finished choice -> (its message, its finish_reason): calls become message.tool_calls."""
+            if not calling:
+                return {"role": "assistant", "content": c.text}, c.finish_reason
+            content, calls = tool_calls.split_output(c.text)
+            return ({"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})},
+                    tool_calls.finish_reason(c.finish_reason, calls))
 
         if not req.stream:
             async def collect():
@@ -377,10 +395,10 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, slots: int
             return {
                 "id": cid, "object": "chat.completion", "created": created, "model": model_name,
                 "system_fingerprint": None,
-                "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                "choices": [{"index": c.index, "message": m,
                              "logprobs": {"content": [tokens.chat_entry(t) for t in c.tokens]}
                              if want_logprobs else None,
-                             "finish_reason": c.finish_reason} for c in choices],
+                             "finish_reason": reason} for c in choices for m, reason in [message(c)]],
                 "usage": usage_of([prompt], choices),
             }
 
@@ -390,17 +408,28 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, slots: int
             return stream_chunk(cid, "chat.completion.chunk", created, model_name, choice_list, include_usage, usage)
 
         async def stream():
+            # with tools, each choice's text goes through a CallStream: content deltas, or tool_calls deltas
+            splitters = [tool_calls.CallStream() for _ in choices] if calling else None
             for c in choices:
                 yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None}])
             async for c, text, new in run_choices(handles, choices):
                 logprobs = {"content": [tokens.chat_entry(t) for t in new]} if want_logprobs and new else None
-                if text or logprobs:
-                    yield chunk([{"index": c.index, "delta": {"content": text}, "logprobs": logprobs,
+                if splitters:
+                    deltas = splitters[c.index].feed(text)
+                    if c.finish_reason is not None:
+                        deltas += splitters[c.index].finish()
+                else:
+                    deltas = [{"content": text}] if text else []
+                if logprobs and not deltas:
+                    deltas = [{"content": ""}]
+                for j, delta in enumerate(deltas):
+                    yield chunk([{"index": c.index, "delta": delta, "logprobs": logprobs if j == 0 else None,
                                   "finish_reason": None}])
                 if c.finish_reason is not None:
-                    yield chunk([{"index": c.index, "delta": {}, "logprobs": None,
-                                  "finish_reason": c.finish_reason}])
+                    reason = tool_calls.finish_reason(c.finish_reason, splitters[c.index].complete_calls) \
+                        if splitters else c.finish_reason
+                    yield chunk([{"index": c.index, "delta": {}, "logprobs": None, "finish_reason": reason}])
             if include_usage:
                 yield chunk([], usage_of([prompt], choices))
             else:

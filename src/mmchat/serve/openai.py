@@ -18,7 +18,7 @@ from ..generate import SamplingParams
 # Fields of OpenAI's API that mmchat does not implement yet; a request that sets one gets a 400 naming it.
 # (A value equal to OpenAI's default, such as "echo": false or null, is accepted: it asks for nothing.)
 UNSUPPORTED = {
-    "tools": None, "tool_choice": None, "functions": None, "function_call": None, "parallel_tool_calls": None,
+    "functions": None, "function_call": None,  # the deprecated form of tools: send tools and tool_choice
     "modalities": None, "audio": None, "prediction": None, "store": False,
     "metadata": None, "service_tier": None, "reasoning_effort": None, "web_search_options": None,
     "echo": False, "best_of": 1, "suffix": None,
@@ -49,10 +49,34 @@ class TextPart(_Strict):
     text: str
 
 
+class InputAudio(_Strict):
+    data: str    # the audio file, base64
+    format: str  # OpenAI's wav or mp3 (flac, ogg, opus, webm and m4a are read too)
+
+
+class AudioPart(_Strict):
+    """Speech in a user message; serve/audio.py replaces it by a TextPart of its transcript."""
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart | AudioPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's calls, fed back with their results
+    tool_call_id: str | None = None           # a tool message: the call it answers
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -89,6 +113,9 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: dict | None = None  # text, json_object or json_schema: checked where the tokenizer is known
+    tools: list[dict] | None = None      # checked (schemas, names) in serve/tools.py
+    tool_choice: str | dict | None = None  # none, auto, required or {"type": "function", "function": {...}}
+    parallel_tool_calls: bool | None = None
 
 
 class CompletionRequest(_Sampling):
@@ -111,7 +138,7 @@ def parse_request(body: Any, kind: Literal["chat", "completion"], vocab_size: in
         for i, m in enumerate(body["messages"]):
             parts = m.get("content") if isinstance(m, dict) else None
             for part in parts if isinstance(parts, list) else ():
-                if isinstance(part, dict) and part.get("type") not in (None, "text"):
+                if isinstance(part, dict) and part.get("type") not in (None, "text", "input_audio"):
                     raise APIError(400, f"content parts of type '{part['type']}' are not supported by this server "
                                    "yet; send text", f"messages.{i}.content", "unsupported_content")
     schema = ChatCompletionRequest if kind == "chat" else CompletionRequest
