@@ -25,12 +25,13 @@ from ..engine import EngineBusy
 from ..errors import MMChatError
 from ..generate import SamplingParams, TokenOut, with_seed_offset
 from ..tokenizer import StreamDecoder
+from . import audio as speech_routes
 from . import openai as oa
 from . import tools as tool_calls
 
 MAX_BODY_BYTES = 2 * 1024 * 1024  # a context window of text is far smaller; anything bigger is a mistake
 STATIC = Path(__file__).parent / "static"
-ROUTES = ("/v1/models", "/v1/chat/completions", "/v1/completions")
+ROUTES = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/audio/transcriptions", "/v1/audio/speech")
 
 
 # -- one choice's text ---------------------------------------------------------------------------------------
@@ -352,6 +353,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, slots: int
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req, params, stop = oa.parse_request(await read_json(request), "chat", llm.config.vocab_size)
+        await speech_routes.transcribe_audio_parts(req.messages)  # input_audio parts -> the user's text
         check_model(req.model)
         messages = tool_calls.chat_messages(req)
         tools = tool_calls.plan(req)  # None without tools; 400 for a broken tool schema or tool_choice
@@ -591,6 +593,8 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, slots: int
         if not page.exists():
             return PlainTextResponse(f"mmchat is serving '{model_name}'; the OpenAI API is at /v1\n")
         return FileResponse(page)
+
+    speech_routes.add_routes(app)  # POST /v1/audio/transcriptions and /v1/audio/speech (serve/audio.py)
 
     if STATIC.is_dir():
         from fastapi.staticfiles import StaticFiles
