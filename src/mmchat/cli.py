@@ -303,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-save", action="store_true", help="keep this conversation in memory only (/save keeps it)")
     p.add_argument("--context", type=int, help="context window in tokens (default: 4096 or the model's, if less)")
     p.add_argument("--plain", action="store_true", help="print answers as plain text, not rendered Markdown")
+    p.add_argument("--speak", nargs="?", const="default", metavar="VOICE",
+                   help="say each answer aloud: voice joe (Piper) or espeak (espeak-ng); with no audio player the "
+                        "answers are written as WAV files")
     _add_sampling(p)
     p = add("serve", cmd_serve, model=True)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")

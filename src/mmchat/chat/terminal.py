@@ -31,6 +31,8 @@ HELP = [
     ("/load ID", "continue a saved conversation"),
     ("/list", "the saved conversations"),
     ("/export [FILE.md|FILE.json]", "write this conversation to a file (default mmchat-ID.md)"),
+    ("/audio PATH [TEXT]", "send a spoken message (WAV, MP3, FLAC, OGG...): transcribed, then answered; TEXT goes "
+                           "before it"),
     ("/exit", "quit (also /quit, /bye or Ctrl-D)"),
 ]
 MULTILINE = '"""'
@@ -101,10 +103,11 @@ class AnswerView:
 class Terminal:
     def __init__(self, chat: Chat, console: Console, markdown: bool, store: Store | None):
         self.chat, self.console, self.markdown, self.store = chat, console, markdown, store
+        self.speaker = None  # multimodal.speech.Speaker with --speak: answers are said aloud
         self.commands = {
             "help": self.cmd_help, "reset": self.cmd_reset, "system": self.cmd_system, "preset": self.cmd_preset,
             "set": self.cmd_set, "regenerate": self.cmd_regenerate, "undo": self.cmd_undo, "save": self.cmd_save,
-            "load": self.cmd_load, "list": self.cmd_list, "export": self.cmd_export,
+            "load": self.cmd_load, "list": self.cmd_list, "export": self.cmd_export, "audio": self.cmd_audio,
             "exit": None, "quit": None, "bye": None,
         }
 
@@ -193,6 +196,10 @@ class Terminal:
             self.note("(stopped)" if s.new_tokens else "(stopped before the answer began; your message was taken back)")
         self.note(f"{s.new_tokens} tokens · {s.tokens_per_s:.1f} tokens/s · first token after {s.ttft_s:.2f} s "
                   f"(prefilled {s.prefilled_tokens} of {s.prompt_tokens} prompt tokens)")
+        if self.speaker and not stopped and view.text.strip():
+            note = self.speaker.say(view.text)
+            if note:
+                self.note(note)
 
     # -- commands ---------------------------------------------------------------------------------------------
     def cmd_help(self, arg):
@@ -255,6 +262,19 @@ class Terminal:
     def cmd_regenerate(self, arg):
         self.answer(self.chat.regenerate())
 
+    def cmd_audio(self, arg):
+        from ..multimodal import audio
+        words = shlex.split(arg)
+        if not words:
+            raise MMChatError("/audio needs the path of an audio file, e.g. /audio question.wav")
+        self.note("(transcribing ...)")
+        heard = audio.transcribe(words[0]).text
+        if not heard:
+            raise MMChatError(f"no speech was heard in {words[0]}")
+        text = " ".join([*words[1:], heard])
+        self.console.print(f"> {text}", style="bold", markup=False, highlight=False)
+        self.answer(self.chat.stream(text))
+
     def cmd_undo(self, arg):
         removed = self.chat.undo()
         self.note(f"(took back: {removed[0].content[:60]!r}" + (" and its answer)" if len(removed) > 1 else ")"))
@@ -306,6 +326,10 @@ def run(args) -> None:
         presets_mod.get(args.preset, **preset_vars)
     if args.resume:
         (store or Store()).get(args.resume)  # an unknown id fails before the model is loaded, too
+    speaker = None
+    if getattr(args, "speak", None):  # a voice that is not installed fails before the model is loaded
+        from ..multimodal.speech import Speaker
+        speaker = Speaker(None if args.speak == "default" else args.speak)
 
     from ..api import load
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
@@ -327,7 +351,10 @@ def run(args) -> None:
         chat = Chat(llm, system=args.system, preset=args.preset, preset_vars=preset_vars, store=store,
                     context=args.context, stop=args.stop, on_notice=notice, **sampling)
     terminal.chat = chat
+    terminal.speaker = speaker
     terminal.banner()
+    if speaker:
+        terminal.note(speaker.describe())
     if args.resume:
         terminal.show_history()
         for text in chat.notices:
