@@ -146,8 +146,17 @@ def cmd_serve(args):
     """Serve a model over an OpenAI-compatible HTTP API (and the web chat page at /) on loopback by default."""
     import os
     from .serve.app import serve
+    from .serve.limits import Policy
+    for name in ("max_body_mb", "max_messages", "max_tokens_limit", "max_concurrent"):
+        if getattr(args, name) <= 0:
+            raise MMChatError(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
+    if args.grace < 0:
+        raise MMChatError(f"--grace must be 0 or more seconds (got {args.grace})")
+    policy = Policy(max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_messages=args.max_messages,
+                    max_tokens=args.max_tokens_limit, max_concurrent=args.max_concurrent, grace_seconds=args.grace,
+                    log_messages=args.log_messages, redact_store=args.redact)
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("MMCHAT_API_KEY"),
-          slots=args.slots, max_len=args.context, max_queue=args.queue,
+          slots=args.slots, max_len=args.context, max_queue=args.queue, policy=policy,
           log=lambda line: print(line, file=sys.stderr, flush=True), **load_options(args))
 
 
@@ -314,6 +323,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slots", type=int, default=8, help="sequences decoded together (default: 8)")
     p.add_argument("--context", type=int, default=2048, help="tokens per sequence, prompt + answer (default: 2048)")
     p.add_argument("--queue", type=int, default=64, help="requests that may wait for a slot (default: 64)")
+    g = p.add_argument_group("limits (each refused with a clear 4xx in OpenAI's error shape)")
+    g.add_argument("--max-body-mb", type=float, default=2.0, help="largest request body, MB (default: 2; 413)")
+    g.add_argument("--max-messages", type=int, default=256, help="messages per request (default: 256; 400)")
+    g.add_argument("--max-tokens-limit", type=int, default=4096,
+                   help="largest max_tokens a request may ask for (default: 4096; 400)")
+    g.add_argument("--max-concurrent", type=int, default=128,
+                   help="API requests served at once; more get 429 with Retry-After (default: 128)")
+    g.add_argument("--grace", type=float, default=10.0,
+                   help="on SIGTERM, seconds that requests in flight may run on before they are ended (default: 10)")
+    g = p.add_argument_group("privacy")
+    g.add_argument("--log-messages", action="store_true",
+                   help="put message and answer text in the request log, redacted (default: never)")
+    g.add_argument("--redact", action="store_true",
+                   help="redact personal data in conversations before they are saved (also: MMCHAT_REDACT=1)")
     _add_speed(p)
     return parser
 

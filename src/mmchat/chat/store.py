@@ -98,10 +98,18 @@ def _title(text: str) -> str:
 
 class Store:
     """Conversations in SQLite. Every write is its own transaction (WAL, synchronous=FULL): once a method
-    returns, what it wrote survives a crash of this process."""
+    returns, what it wrote survives a crash of this process. With `redact` (True, or a privacy.Redactor;
+    None: the MMCHAT_REDACT environment variable), personal data in titles, system prompts and messages is
+    replaced by tags before anything is written."""
 
-    def __init__(self, path: str | Path | None = None):
+    def __init__(self, path: str | Path | None = None, redact=None):
         self.path = Path(path) if path is not None else data_dir() / "conversations.db"
+        if redact is None:
+            redact = os.environ.get("MMCHAT_REDACT", "").lower() in ("1", "true", "yes", "on")
+        if redact is True:
+            from ..privacy import Redactor
+            redact = Redactor()
+        self.redactor = redact or None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # autocommit mode: transactions are opened explicitly, one per write
@@ -123,6 +131,9 @@ class Store:
     def close(self):
         self.db.close()
 
+    def _clean(self, text):
+        return self.redactor.redact(text) if self.redactor is not None and isinstance(text, str) else text
+
     def _write(self, *statements: tuple[str, tuple]):
         """Run statements as one transaction: all of them land, or none."""
         try:
@@ -141,6 +152,7 @@ class Store:
     def create(self, model: str = "", system: str | None = None, preset: str | None = None,
                settings: dict | None = None, title: str = "", conversation_id: str | None = None) -> Conversation:
         now = time.time()
+        title, system = self._clean(title), self._clean(system)
         conv = Conversation(conversation_id or new_id(), title, model, preset, system, settings or {}, now, now)
         self._write(("INSERT INTO conversations (id, title, model, preset, system, settings, created, updated) "
                      "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -154,6 +166,9 @@ class Store:
             raise ValueError(f"unknown conversation fields {set(fields) - allowed}")
         if "settings" in fields:
             fields["settings"] = json.dumps(fields["settings"])
+        for name in ("title", "system"):
+            if name in fields:
+                fields[name] = self._clean(fields[name])
         sets = ", ".join(f"{k} = ?" for k in fields)
         self._write((f"UPDATE conversations SET {sets}, updated = ? WHERE id = ?",
                      (*fields.values(), time.time(), conversation_id)))
@@ -214,6 +229,7 @@ class Store:
     def append(self, conversation_id: str, role: str, content: str, meta: dict | None = None) -> int:
         """Add one message at the end; the first user message also titles an untitled conversation."""
         now = time.time()
+        content = self._clean(content)
         # the position is computed inside the transaction, so two writers cannot take the same one
         statements = [("INSERT INTO messages (conversation_id, position, role, content, meta, created) "
                        "VALUES (?, (SELECT COALESCE(MAX(position) + 1, 0) FROM messages WHERE conversation_id = ?), "
@@ -235,6 +251,7 @@ class Store:
     def replace(self, conversation_id: str, messages: list[StoredMessage]):
         """Write a whole history at once (saving a conversation that was not stored so far)."""
         statements = [("DELETE FROM messages WHERE conversation_id = ?", (conversation_id,))]
+        messages = [StoredMessage(m.role, self._clean(m.content), m.meta, m.created) for m in messages]
         for i, m in enumerate(messages):
             statements.append(("INSERT INTO messages (conversation_id, position, role, content, meta, created) "
                                "VALUES (?, ?, ?, ?, ?, ?)",

@@ -27,9 +27,9 @@ from ..generate import SamplingParams, TokenOut, with_seed_offset
 from ..tokenizer import StreamDecoder
 from . import audio as speech_routes
 from . import openai as oa
+from .limits import Gate, GateLayer, Policy, run_server
 from . import tools as tool_calls
 
-MAX_BODY_BYTES = 2 * 1024 * 1024  # a context window of text is far smaller; anything bigger is a mistake
 STATIC = Path(__file__).parent / "static"
 ROUTES = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/audio/transcriptions", "/v1/audio/speech")
 
@@ -150,12 +150,16 @@ def stream_chunk(cid: str, kind: str, created: int, model_name: str, choices: li
 
 
 def create_app(llm: LLM, model_name: str, api_key: str | None = None, slots: int = 8,
-               max_len: int | None = None, max_queue: int = 64, store_path: str | Path | None = None) -> FastAPI:
+               max_len: int | None = None, max_queue: int = 64, store_path: str | Path | None = None,
+               policy: Policy | None = None, log=print) -> FastAPI:
     engine = llm.start_engine(slots=slots, max_len=max_len, max_queue=max_queue)
     tokens = TokenInfo(llm.tokenizer)
     metrics = Metrics()
     app = FastAPI(title="mmchat", docs_url=None, redoc_url=None)
     app.state.llm, app.state.engine, app.state.metrics = llm, engine, metrics
+    policy = policy or Policy()
+    gate = Gate(policy, log)  # limits, the request log, and 503 while shutting down (serve/limits.py)
+    app.state.policy, app.state.gate = policy, gate
 
     # -- errors, auth and accounting ----------------------------------------------------------------------------
     @app.exception_handler(oa.APIError)
@@ -205,22 +209,23 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, slots: int
                 if path in ROUTES and "code" in status:  # known routes only: random paths add no labels
                     metrics.requests[(path, status["code"])] += 1
 
+    app.add_middleware(GateLayer, gate=gate)  # inside Guard: the API key is checked first
     app.add_middleware(Guard)
 
     async def read_json(request: Request):
         length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
+        if length and length.isdigit() and int(length) > policy.max_body_bytes:
             async for _ in request.stream():  # read it off the wire so the client sees our answer
                 pass
-            raise oa.APIError(413, f"the request body is {int(length)} bytes; at most {MAX_BODY_BYTES}",
+            raise oa.APIError(413, f"the request body is {int(length)} bytes; at most {policy.max_body_bytes}",
                               code="body_too_large")
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
-            if size <= MAX_BODY_BYTES:
+            if size <= policy.max_body_bytes:
                 chunks.append(chunk)
-        if size > MAX_BODY_BYTES:
-            raise oa.APIError(413, f"the request body is {size} bytes; at most {MAX_BODY_BYTES}",
+        if size > policy.max_body_bytes:
+            raise oa.APIError(413, f"the request body is {size} bytes; at most {policy.max_body_bytes}",
                               code="body_too_large")
         try:
             return json.loads(b"".join(chunks))
@@ -306,6 +311,11 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, slots: int
             if c.finish_reason is not None:
                 handles[i].cancel()
             yield c, text, new
+        if gate.cut_off:  # a shutdown ended these answers early: close each one like an answer out of tokens
+            for c in choices:
+                if c.finish_reason is None:
+                    c.finish_reason = "length"
+                    yield c, "", []
 
     async def until_disconnect(request: Request, work):
         """Run `work` (a coroutine); if the client goes away first, cancel it (which frees its slots)."""
@@ -353,6 +363,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, slots: int
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req, params, stop = oa.parse_request(await read_json(request), "chat", llm.config.vocab_size)
+        policy.check(req)
         await speech_routes.transcribe_audio_parts(req.messages)  # input_audio parts -> the user's text
         check_model(req.model)
         messages = tool_calls.chat_messages(req)
@@ -364,7 +375,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, slots: int
                 prompt = llm.render_chat(messages)
             except MMChatError as e:
                 raise oa.APIError(400, str(e), "messages") from None
-        params = fit(prompt, params, CHAT_DEFAULTS["max_tokens"])
+        params = fit(prompt, params, min(CHAT_DEFAULTS["max_tokens"], policy.max_tokens))
         if tools is not None and tools.constrained:  # calls whose arguments always fit their tool's schema
             if (req.response_format or {}).get("type", "text") != "text":
                 raise oa.APIError(400, "response_format cannot be combined with tools the model may call; "
@@ -443,6 +454,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, slots: int
     @app.post("/v1/completions")
     async def completions(request: Request):
         req, params, stop = oa.parse_request(await read_json(request), "completion", llm.config.vocab_size)
+        policy.check(req)
         check_model(req.model)
         if isinstance(req.prompt, str):
             prompts = [llm.encode(req.prompt)]
@@ -452,7 +464,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, slots: int
             prompts = [llm.encode(p) for p in req.prompt]
         if any(not p for p in prompts):
             raise oa.APIError(400, "a prompt is empty; give some text", "prompt")
-        params = [fit(p, params, 16) for p in prompts]
+        params = [fit(p, params, min(16, policy.max_tokens)) for p in prompts]
         handles = []
         try:
             for p, pp in zip(prompts, params):
@@ -510,13 +522,14 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, slots: int
 
     # -- the web page's own data: saved conversations and presets ------------------------------------------------
     stores = []
+    app.state.stores = stores  # closed at shutdown
 
     def store():
         """The conversation store (SQLite under $MMCHAT_HOME), opened on first use."""
         if not stores:
             from ..chat.store import Store
             try:
-                stores.append(Store(store_path))
+                stores.append(Store(store_path, redact=policy.redact_store))
             except MMChatError as e:
                 raise oa.APIError(500, str(e), type="server_error") from None
         return stores[0]
@@ -604,15 +617,14 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, slots: int
 
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, slots: int = 8,
-          max_len: int | None = None, max_queue: int = 64, log=print, **load_options):
-    """Load `model` (load_options: LLM.load's dtype, quant...) and serve it until interrupted."""
-    import uvicorn
-
+          max_len: int | None = None, max_queue: int = 64, log=print, policy: Policy | None = None,
+          **load_options):
+    """Load `model` (load_options: LLM.load's dtype, quant...) and serve it until SIGTERM or Ctrl-C."""
     from ..api import load
     log(f"loading {model} ...")
     llm = load(model, **load_options)
     name = model if not Path(model).exists() else llm.name
-    app = create_app(llm, name, api_key, slots, max_len, max_queue)
+    app = create_app(llm, name, api_key, slots, max_len, max_queue, policy=policy, log=log)
     log(f"serving '{name}' ({len(app.state.engine.slots)} slots of {app.state.engine.context_len} tokens) on "
         f"http://{host}:{port}  (OpenAI API: http://{host}:{port}/v1)")
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3)
+    run_server(app, host, port, log)  # drains on SIGTERM: see serve/limits.py
