@@ -115,6 +115,9 @@ def cmd_chat(args):
     """Chat in the terminal: answers stream as Markdown, /help lists the commands, Ctrl-C stops an answer.
     Conversations are saved as you go (--resume ID continues one, --list shows them)."""
     _sampling(args, chat=True)
+    if args.redact:  # the store reads this wherever the terminal opens it
+        import os
+        os.environ["MMCHAT_REDACT"] = "1"
     from .chat.terminal import run
     run(args)
 
@@ -312,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-save", action="store_true", help="keep this conversation in memory only (/save keeps it)")
     p.add_argument("--context", type=int, help="context window in tokens (default: 4096 or the model's, if less)")
     p.add_argument("--plain", action="store_true", help="print answers as plain text, not rendered Markdown")
+    p.add_argument("--redact", action="store_true",
+                   help="redact personal data before conversations are saved (also: MMCHAT_REDACT=1)")
     p.add_argument("--speak", nargs="?", const="default", metavar="VOICE",
                    help="say each answer aloud: voice joe (Piper) or espeak (espeak-ng); with no audio player the "
                         "answers are written as WAV files")

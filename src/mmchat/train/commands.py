@@ -43,6 +43,8 @@ def _common(p: argparse.ArgumentParser):
     g.add_argument("--stop-at", type=int, default=0, help="stop and save after step N, to continue later with "
                                                           "--resume (the schedule still runs to --max-steps)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--redact", action="store_true", help="replace personal data (e-mail, phone, card, IBAN, IP "
+                   "addresses) in the training data with tags before it is tokenized")
 
 
 def add_train_arguments(p: argparse.ArgumentParser):
@@ -108,13 +110,13 @@ def run_train(args):
         from .pretrain import pretrain
         out = args.out or "runs/pretrain"
         result = pretrain(args.config, args.data, out, train_config(args, 0), tokenizer_from=args.tokenizer,
-                          resume=args.resume)
+                          resume=args.resume, redact=args.redact)
     else:
         from .sft import sft
         out = args.out or "runs/sft"
         lora = {"rank": args.lora_rank, "alpha": args.lora_alpha, "targets": args.lora_targets} if args.lora else None
         result = sft(args.model, args.data, out, train_config(args, 2 if args.lora else 1), lora=lora,
-                     resume=args.resume, eval_fraction=args.eval_fraction)
+                     resume=args.resume, eval_fraction=args.eval_fraction, redact=args.redact)
     if result["evals"] and os.environ.get("RANK", "0") == "0":
         last = result["evals"][-1]
         print(f"done: step {result['step']}, eval loss {last['loss']:.3f} at step {last['step']} "

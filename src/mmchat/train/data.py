@@ -24,7 +24,8 @@ SPECIAL_TOKENS = [EOS_TEXT, "<|im_start|>", "<|im_end|>"]
 
 
 # -- reading text -------------------------------------------------------------------------------------------------
-def read_text(path: str | Path) -> str:
+def read_text(path: str | Path, redact: bool = False) -> str:
+    """A UTF-8 text file's text; with `redact`, personal data replaced by tags (privacy.Redactor)."""
     path = Path(path)
     if not path.is_file():
         raise MMChatError(f"no such data file: {path}")
@@ -36,18 +37,21 @@ def read_text(path: str | Path) -> str:
                           f"`iconv -t utf-8`") from None
     if not text.strip():
         raise MMChatError(f"{path} is empty; give a file with text in it")
+    if redact:
+        from ..privacy import Redactor
+        text = Redactor().redact(text)
     return text
 
 
 # -- tokenizers ---------------------------------------------------------------------------------------------------
-def train_bpe(files: list[str | Path], vocab_size: int, out: str | Path) -> Tokenizer:
+def train_bpe(files: list[str | Path], vocab_size: int, out: str | Path, redact: bool = False) -> Tokenizer:
     """A byte-level BPE of `vocab_size` ids (the special tokens, 256 byte symbols, then merges) learnt from
-    `files`, saved as `out` (tokenizer.json)."""
+    `files` (redacted first with `redact`, so no merge spells out personal data), saved as `out`."""
     from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
     n_fixed = 256 + len(SPECIAL_TOKENS)
     if vocab_size < n_fixed:
         raise MMChatError(f"vocab_size {vocab_size} is too small for a byte-level BPE (at least {n_fixed})")
-    texts = [read_text(f) for f in files]  # checks every file first: UTF-8, not empty
+    texts = [read_text(f, redact) for f in files]  # checks every file first: UTF-8, not empty
     tok = HFTokenizer(models.BPE())
     # GPT-2's split with digits one by one: the pre-tokenizer llama.cpp calls "smollm", so GGUF exports of models
     # trained here tokenize the same in llama.cpp, transformers and mmchat
@@ -75,7 +79,7 @@ def token_dtype(vocab_size: int):
 
 # -- pretraining shards -------------------------------------------------------------------------------------------
 def tokenize_to_shards(files: list[str | Path], tokenizer: Tokenizer, out_dir: str | Path, eos_id: int | None,
-                       progress: bool = True) -> Path:
+                       progress: bool = True, redact: bool = False) -> Path:
     """Every file's ids (an eos id between documents) into one memory-mapped `tokens.bin` under `out_dir`,
     uint16 when the vocabulary fits, else uint32; `tokens.json` records dtype and length. Returns the .bin path."""
     from tqdm import tqdm
@@ -88,7 +92,7 @@ def tokenize_to_shards(files: list[str | Path], tokenizer: Tokenizer, out_dir: s
                disable=not progress)
     with open(tmp, "wb") as f:
         for path in files:
-            text = read_text(path)
+            text = read_text(path, redact)
             # encode in paragraphs: bounded memory, and a progress bar that moves
             for para in _chunks(text, 1 << 16):
                 ids = tokenizer.encode(para, add_bos=False)
@@ -172,9 +176,10 @@ class TokenShards:
 ROLES = ("system", "user", "assistant", "tool")
 
 
-def load_chats(path: str | Path) -> list[list[dict]]:
+def load_chats(path: str | Path, redact: bool = False) -> list[list[dict]]:
     """OpenAI-style conversations, one per JSONL line: {"messages": [{"role": ..., "content": ...}, ...]} or a bare
-    list of messages. Each must have at least one assistant message."""
+    list of messages. Each must have at least one assistant message. With `redact`, personal data in the messages
+    is replaced by tags."""
     text = read_text(path)
     chats = []
     for n, line in enumerate(text.splitlines(), 1):
@@ -195,6 +200,9 @@ def load_chats(path: str | Path) -> list[list[dict]]:
                                   f"got {json.dumps(m)[:80]}")
         if not any(m["role"] == "assistant" for m in messages):
             raise MMChatError(f"{where}: the conversation has no assistant message, so nothing to learn from")
+        if redact:
+            from ..privacy import Redactor
+            messages = Redactor().redact_messages(messages)
         chats.append(messages)
     if not chats:
         raise MMChatError(f"{path} holds no conversations")

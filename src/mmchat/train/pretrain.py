@@ -65,7 +65,7 @@ def tokenizer_meta(tokenizer) -> dict:
 
 
 def prepare_data(files: list[str], out: Path, vocab_size: int, tokenizer_from: str | None, main: bool,
-                 progress: bool):
+                 progress: bool, redact: bool = False):
     """Tokenizer and token shards in `out`, made once (a resumed run reuses them). Only the main process writes;
     the others wait at a barrier and then read."""
     import torch.distributed as dist
@@ -80,11 +80,11 @@ def prepare_data(files: list[str], out: Path, vocab_size: int, tokenizer_from: s
             tokenizer = load_checkpoint(resolve(tokenizer_from, progress=progress)).tokenizer
             tokenizer.tok.save(str(tok_path))
         else:
-            tokenizer = train_bpe(files, vocab_size, tok_path)
+            tokenizer = train_bpe(files, vocab_size, tok_path, redact)
         eos = tokenizer.token_to_id(EOS_TEXT)
         if eos is None:
             eos = tokenizer.eos_token_ids[0] if tokenizer.eos_token_ids else None
-        tokenize_to_shards(files, tokenizer, out / "data", eos, progress=progress)
+        tokenize_to_shards(files, tokenizer, out / "data", eos, progress=progress, redact=redact)
         (out / "tokenizer_meta.json").write_text(json.dumps(tokenizer_meta(tokenizer)))
     if dist.is_initialized():
         dist.barrier()
@@ -111,7 +111,7 @@ def make_sampler(tokenizer, prompt_ids: list[int], max_tokens: int = 48):
 
 
 def pretrain(config: str | ModelConfig, files: list[str], out: str | Path, train_cfg: TrainConfig,
-             tokenizer_from: str | None = None, resume: bool = False) -> dict:
+             tokenizer_from: str | None = None, resume: bool = False, redact: bool = False) -> dict:
     if not files:
         raise MMChatError("give at least one text file with --data")
     cfg = resolve_config(config) if isinstance(config, str) else config
@@ -121,7 +121,8 @@ def pretrain(config: str | ModelConfig, files: list[str], out: str | Path, train
     d = setup_distributed("cuda" if train_cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     # a shape that cannot fit is refused before the data is tokenized and the model built
     check_memory(cfg, cfg.n_params, cfg.n_params, train_cfg, resolve_device(train_cfg.device, d))
-    tokenizer, bin_path = prepare_data(files, out, cfg.vocab_size, tokenizer_from, d.main, train_cfg.progress)
+    tokenizer, bin_path = prepare_data(files, out, cfg.vocab_size, tokenizer_from, d.main, train_cfg.progress,
+                                       redact)
     if tokenizer.vocab_size > cfg.vocab_size:
         if not tokenizer_from:
             raise MMChatError(f"the tokenizer has {tokenizer.vocab_size} ids, the config {cfg.vocab_size}")

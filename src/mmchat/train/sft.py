@@ -58,9 +58,9 @@ def make_chat_sampler(llm, messages: list[dict], max_tokens: int = 64):
 
 
 def sft(model: str, data: str | Path, out: str | Path, train_cfg: TrainConfig, lora: dict | None = None,
-        resume: bool = False, eval_fraction: float = 0.1) -> dict:
+        resume: bool = False, eval_fraction: float = 0.1, redact: bool = False) -> dict:
     """Fine-tune `model` on the conversations in `data` (JSONL). lora: {"rank", "alpha", "targets"} or None."""
-    chats = load_chats(data)  # bad input fails before the (slow) model load
+    chats = load_chats(data, redact)  # bad input fails before the (slow) model load
     if lora is not None:
         lora = {"rank": int(lora.get("rank", 8)), "alpha": float(lora.get("alpha", 16)),
                 "targets": ",".join(parse_targets(lora.get("targets", DEFAULT_TARGETS)))}
