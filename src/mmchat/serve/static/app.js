@@ -176,6 +176,7 @@ function renderMessage(m, index) {
     actions.appendChild(button("Copy", () => navigator.clipboard && navigator.clipboard.writeText(m.content)));
     if (m.role === "user") actions.appendChild(button("Edit", () => editMessage(index)));
     if (m.role === "assistant" && index === state.conv.messages.length - 1) actions.appendChild(button("Regenerate", regenerate));
+    if (m.role === "assistant" && m.content && typeof Speech !== "undefined") actions.appendChild(button("Speak", () => Speech.say(m.content)));
   }
   div.append(role, actions, content);
   if (m.meta && m.meta.finish_reason === "stopped") {
