@@ -146,17 +146,20 @@ class Sampler:
     def penalize(self, logits: torch.Tensor, rows: list[int] | None = None) -> torch.Tensor:
         """logits: (B, V) float32 -> penalized (B, V)."""
         ps, _, idx = self._select(rows)
+        # only the tokens a row has seen are touched (a few hundred), not the whole (B, V) matrix
         if any(p.repetition_penalty != 1.0 for p in ps):
-            rep = torch.tensor([p.repetition_penalty for p in ps], device=logits.device)[:, None]  # (B, 1)
-            penalized = torch.where(logits > 0, logits / rep, logits * rep)
-            logits = torch.where(self.seen[idx], penalized, logits)
+            rep = torch.tensor([p.repetition_penalty for p in ps], device=logits.device)  # (B,)
+            r, c = self.seen[idx].nonzero(as_tuple=True)  # (N,), (N,): the (row, token) pairs seen
+            v = logits[r, c]  # (N,)
+            logits = logits.index_put((r, c), torch.where(v > 0, v / rep[r], v * rep[r]))
         if any(p.presence_penalty or p.frequency_penalty for p in ps):
-            presence = torch.tensor([p.presence_penalty for p in ps], device=logits.device)[:, None]
-            frequency = torch.tensor([p.frequency_penalty for p in ps], device=logits.device)[:, None]
-            counts = self.counts[idx]  # (B, V)
-            logits = logits - presence * (counts > 0) - frequency * counts
+            presence = torch.tensor([p.presence_penalty for p in ps], device=logits.device)  # (B,)
+            frequency = torch.tensor([p.frequency_penalty for p in ps], device=logits.device)  # (B,)
+            counts = _take(self.counts, idx)  # (B, V)
+            r, c = counts.nonzero(as_tuple=True)  # (N,), (N,): the (row, token) pairs generated
+            logits = logits.index_put((r, c), logits[r, c] - presence[r] - frequency[r] * counts[r, c])
         if self.bias is not None:
-            logits = logits + self.bias[idx]
+            logits = logits + _take(self.bias, idx)
         return logits
 
     def sample(self, logits: torch.Tensor, rows: list[int] | None = None) -> torch.Tensor:
@@ -166,32 +169,74 @@ class Sampler:
         greedy = logits.argmax(dim=-1)  # (B,)
         if all(p.temperature == 0 for p in ps):
             return greedy
-        temps = torch.tensor([p.temperature or 1.0 for p in ps], device=logits.device)[:, None]
-        logits = logits / temps
-        max_k = max(p.top_k for p in ps)
-        if max_k:
-            ks = torch.tensor([p.top_k or logits.size(-1) for p in ps], device=logits.device)
-            sorted_desc = logits.sort(dim=-1, descending=True).values  # (B, V)
-            kth = sorted_desc.gather(1, (ks.clamp(max=logits.size(-1)) - 1)[:, None])  # (B, 1)
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if any(p.top_p < 1.0 for p in ps):
-            top_p = torch.tensor([p.top_p for p in ps], device=logits.device)[:, None]
-            sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
-            cum = sorted_logits.softmax(-1).cumsum(-1)
-            drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p  # keep the smallest set reaching top_p
-            drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
-            logits = logits.masked_fill(drop, float("-inf"))
-        probs = logits.softmax(dim=-1)  # (B, V)
-        if any(p.min_p > 0 for p in ps):
-            min_p = torch.tensor([p.min_p for p in ps], device=logits.device)[:, None]
-            probs = probs.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, 0.0)
-        # sampling as argmax(p / E) with E ~ Exp(1) per row, drawn from that row's own generator, so a row's
-        # tokens depend only on its own seed, never on which other rows share the batch
-        noise = torch.stack([torch.empty(probs.size(-1), device=probs.device).exponential_(generator=g)
-                             for g in generators])  # (B, V)
-        sampled = (probs / noise).argmax(dim=-1)  # (B,)
-        is_greedy = torch.tensor([p.temperature == 0 for p in ps], device=logits.device)
-        return torch.where(is_greedy, greedy, sampled)
+        picked = [i for i, p in enumerate(ps) if p.temperature > 0]
+        if len(picked) < len(ps):  # greedy rows take the argmax; only the others are sampled
+            at = torch.tensor(picked, dtype=torch.long, device=logits.device)
+            return greedy.index_copy(0, at, _sample_rows(logits[at], [ps[i] for i in picked],
+                                                         [generators[i] for i in picked]))
+        return _sample_rows(logits, ps, generators)
+
+
+def _take(t: torch.Tensor, idx) -> torch.Tensor:
+    """Rows `idx` of t (a slice or a LongTensor): index_select, several times faster than t[idx] for a float matrix."""
+    return t[idx] if isinstance(idx, slice) else t.index_select(0, idx)
+
+
+CANDIDATES = 256  # top_k / top_p look at each row's most likely tokens first, not the whole vocabulary
+
+
+def _sample_rows(logits: torch.Tensor, ps: list[SamplingParams], generators: list[torch.Generator]) -> torch.Tensor:
+    """logits: (B, V) float32, every row sampled (temperature > 0) -> token ids (B,).
+
+    top_k, top_p and min_p are applied to each row's CANDIDATES most likely tokens (a topk, not a sort of the
+    vocabulary), which is exact whenever those tokens already hold top_p of the probability; rows where they do
+    not are done over the whole vocabulary. A token is then drawn by inverting the cumulative distribution with
+    one uniform number from the row's own generator, so a row's tokens depend only on its own seed, never on
+    which other rows share the batch."""
+    B, V = logits.shape
+    dev = logits.device
+    temps = torch.tensor([p.temperature for p in ps], device=dev)[:, None]  # (B, 1)
+    logits = logits / temps
+    u = torch.cat([torch.rand(1, generator=g, device=dev, dtype=torch.float64) for g in generators])  # (B,)
+    top_p = torch.tensor([p.top_p for p in ps], device=dev)[:, None]  # (B, 1)
+    min_p = torch.tensor([p.min_p for p in ps], device=dev)[:, None]  # (B, 1)
+    out = torch.empty(B, dtype=torch.long, device=dev)
+    full = torch.ones(B, dtype=torch.bool, device=dev)  # rows still to sample over the whole vocabulary
+    truncated = torch.tensor([p.top_k > 0 or p.top_p < 1 for p in ps], device=dev)
+    if truncated.any():
+        K = min(V, max(CANDIDATES, *(p.top_k for p in ps)))
+        vals, ids = logits.topk(K, dim=-1)  # (B, K), most likely first
+        has_k = torch.tensor([p.top_k > 0 for p in ps], device=dev)[:, None]  # (B, 1)
+        in_k = torch.arange(K, device=dev)[None] < torch.tensor([p.top_k or K for p in ps], device=dev)[:, None]
+        vals = vals.masked_fill(~in_k, float("-inf"))  # (B, K)
+        # probabilities over the row's top_k when it has one (renormalized), else over the whole vocabulary
+        probs = torch.where(has_k, vals.softmax(-1), logits.softmax(-1).gather(1, ids))  # (B, K)
+        cum = probs.cumsum(-1)  # (B, K)
+        keep = (cum - probs) < top_p  # the smallest set reaching top_p
+        keep &= probs >= min_p * probs[:, :1]
+        exact = truncated & (has_k[:, 0] | (cum[:, -1] >= top_p[:, 0]))  # (B,)
+        out = torch.where(exact, ids.gather(1, _invert_cdf(probs * keep, u)[:, None])[:, 0], out)
+        full = ~exact
+    if full.any():
+        rows = full.nonzero()[:, 0]  # (R,)
+        sub = logits[rows]  # (R, V)
+        probs = sub.softmax(-1)  # (R, V)
+        if any(ps[i].top_p < 1 for i in rows.tolist()):  # a flat distribution: the nucleus needs a full sort
+            sorted_probs, order = probs.sort(dim=-1, descending=True)  # (R, V)
+            drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p[rows]
+            probs = probs.masked_fill(torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted), 0.0)
+        probs = probs.masked_fill(probs < min_p[rows] * probs.max(-1, keepdim=True).values, 0.0)
+        out[rows] = _invert_cdf(probs, u[rows])
+    return out
+
+
+def _invert_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """weights: (B, N) >= 0, not necessarily normalized; u: (B,) float64 in [0, 1) -> per row the first index
+    whose cumulative weight exceeds u times the total (zero-weight entries are never chosen). The sums run in
+    float64, so u * total stays below the total and the tail of a long row is not lost to rounding."""
+    cum = weights.double().cumsum(-1)  # (B, N)
+    target = (u * cum[:, -1])[:, None]  # (B, 1)
+    return torch.searchsorted(cum, target, right=True)[:, 0].clamp(max=weights.size(-1) - 1)  # (B,)
 
 
 def check_prompt(prompt: list[int], max_seq_len: int):
