@@ -4,8 +4,10 @@ LoRA) on the same model (SmolLM2-135M, dequantized to fp32), the same token rows
     python benchmarks/train_speed.py --steps 6 --batch 4 --seq 256
 
 Each variant runs --warmup untimed steps, then --steps timed ones; the table shows the median tokens/s of a step
-(forward, loss, backward, gradient clipping, AdamW step). Other processes on the machine change the figures, so
-compare the rows of one run, not runs of different days.
+(forward, loss, backward, gradient clipping, AdamW step). Both precisions run by default: the same-precision
+ratios compare the training steps, and the last lines compare what each gives by default (mmchat's `auto`,
+which is bf16 autocast on a CPU with bf16 units for a model this size, against HF Trainer's CPU default, fp32).
+Other processes on the machine change the figures, so compare the rows of one run, not runs of different days.
 """
 from __future__ import annotations
 
@@ -24,18 +26,20 @@ def rows(vocab: int, batch: int, seq: int, seed: int = 0):
     return ids[:, :-1], ids[:, 1:]
 
 
-def timed(step, warmup: int, steps: int, tokens: int) -> float:
+def timed(step, warmup: int, steps: int, tokens: int) -> tuple[float, float]:
+    """Median tokens/s of the timed steps, and the loss of the last one (the same rows every step, so the loss
+    falls; equal losses across variants show they train the same)."""
     for _ in range(warmup):
         step()
     speeds = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        step()
+        loss = step()
         speeds.append(tokens / (time.perf_counter() - t0))
-    return statistics.median(speeds)
+    return statistics.median(speeds), loss
 
 
-def mmchat_variant(folder: str, lora: bool, x, y, args) -> float:
+def mmchat_variant(folder: str, lora: bool, x, y, args, precision: str) -> tuple[float, float]:
     import mmchat
     from mmchat.train.loop import Trainer, TrainConfig
     from mmchat.train.lora import apply_lora, lora_state
@@ -51,15 +55,15 @@ def mmchat_variant(folder: str, lora: bool, x, y, args) -> float:
         def train_batch(self, step, micro, n_micro, batch_size, rank=0, world=1):
             return x, y, torch.ones_like(y, dtype=torch.bool)
 
-    cfg = TrainConfig(batch_size=x.size(0), seq_len=x.size(1), lr=1e-5, warmup_steps=1, precision=args.precision,
+    cfg = TrainConfig(batch_size=x.size(0), seq_len=x.size(1), lr=1e-5, warmup_steps=1, precision=precision,
                       device="cpu", progress=False)
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(model, Rows(), cfg, out, meta={}, state_fn=lora_state if lora else None)
         step = iter(range(10**9))
-        return timed(lambda: trainer._train_step(next(step)), args.warmup, args.steps, x.numel())
+        return timed(lambda: trainer._train_step(next(step))["loss"], args.warmup, args.steps, x.numel())
 
 
-def hf_variant(folder: str, lora: bool, x, y, args) -> float:
+def hf_variant(folder: str, lora: bool, x, y, args, precision: str) -> tuple[float, float]:
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
     model.train()
@@ -69,7 +73,7 @@ def hf_variant(folder: str, lora: bool, x, y, args) -> float:
                                                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if args.precision == "bf16" else torch.autocast(
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else torch.autocast(
         "cpu", enabled=False)
 
     def step():
@@ -80,6 +84,7 @@ def hf_variant(folder: str, lora: bool, x, y, args) -> float:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return loss.item()
     return timed(step, args.warmup, args.steps, x.numel())
 
 
@@ -91,7 +96,7 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    ap.add_argument("--precision", default="fp32,bf16", help="fp32, bf16 or both (comma-separated)")
     ap.add_argument("--only", default="mmchat-full,hf-full,mmchat-lora,hf-peft-lora")
     args = ap.parse_args()
     if args.threads:
@@ -105,19 +110,24 @@ def main():
         folder = f"{tmp}/hf"
         write_hf(base, folder)  # one fp32 copy of the weights that both libraries load
         del base
-        variants = {"mmchat-full": lambda: mmchat_variant(folder, False, x, y, args),
-                    "hf-full": lambda: hf_variant(folder, False, x, y, args),
-                    "mmchat-lora": lambda: mmchat_variant(folder, True, x, y, args),
-                    "hf-peft-lora": lambda: hf_variant(folder, True, x, y, args)}
-        for name in args.only.split(","):
-            results[name] = variants[name]()
-            print(f"{name:<14} {results[name]:8.1f} tok/s", flush=True)
-    print(f"\nbatch {args.batch} x {args.seq}, {args.precision}, {torch.get_num_threads()} threads, median of "
-          f"{args.steps} steps")
+        variants = {"mmchat-full": lambda p: mmchat_variant(folder, False, x, y, args, p),
+                    "hf-full": lambda p: hf_variant(folder, False, x, y, args, p),
+                    "mmchat-lora": lambda p: mmchat_variant(folder, True, x, y, args, p),
+                    "hf-peft-lora": lambda p: hf_variant(folder, True, x, y, args, p)}
+        for precision in args.precision.split(","):
+            for name in args.only.split(","):
+                results[name, precision], loss = variants[name](precision)
+                print(f"{name:<14} {precision:<5} {results[name, precision]:8.1f} tok/s   last loss {loss:.4f}",
+                      flush=True)
+    print(f"\nbatch {args.batch} x {args.seq}, {torch.get_num_threads()} threads, median of {args.steps} steps")
+    from mmchat.train.loop import use_bf16
+    auto = "bf16" if use_bf16("auto", torch.device("cpu"), 135_000_000) else "fp32"
     for kind, ours, theirs in (("full", "mmchat-full", "hf-full"), ("lora", "mmchat-lora", "hf-peft-lora")):
-        if ours in results and theirs in results:
-            print(f"{kind}: mmchat {results[ours]:.1f} tok/s, HF {results[theirs]:.1f} tok/s, "
-                  f"{results[ours] / results[theirs]:.2f}x")
+        for p_ours, p_theirs, label in [(p, p, p) for p in args.precision.split(",")] + [
+                (auto, "fp32", f"defaults: mmchat auto ({auto}) vs HF fp32")]:
+            if (ours, p_ours) in results and (theirs, p_theirs) in results:
+                a, b = results[ours, p_ours], results[theirs, p_theirs]
+                print(f"{kind} {label}: mmchat {a:.1f} tok/s, HF {b:.1f} tok/s, {a / b:.2f}x")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ def _common(p: argparse.ArgumentParser):
                                                                 "Ctrl-C)")
     g.add_argument("--seed", type=int, default=1337)
     g.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="bf16 autocast or fp32 (auto: bf16 on a GPU that has it, else fp32)")
+                   help="bf16 autocast or fp32 (auto: bf16 where the hardware runs it faster: a GPU that has it, a CPU with bf16 units for models of 50M+ parameters; else fp32)")
     g.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     g.add_argument("--resume", action="store_true", help="continue the checkpoint in --out exactly where it stopped")
     g.add_argument("--stop-at", type=int, default=0, help="stop and save after step N, to continue later with "
@@ -72,6 +72,8 @@ def add_train_arguments(p: argparse.ArgumentParser):
                      help="comma-separated: q,k,v,o,gate,up,down (or attn, mlp, all); default q,k,v,o")
     sft.add_argument("--eval-fraction", type=float, default=0.1, help="share of conversations held out for eval")
     _common(sft)
+    from ..multimodal.commands import add_vision_arguments  # `mmchat train vision`: the image projector
+    add_vision_arguments(sub, _common)
 
 
 def add_export_arguments(p: argparse.ArgumentParser):
@@ -106,6 +108,9 @@ def _check_positive(args):
 
 def run_train(args):
     _check_positive(args)
+    if args.train_command == "vision":
+        from ..multimodal.commands import run_vision
+        return run_vision(args)
     if args.train_command == "pretrain":
         from .pretrain import pretrain
         out = args.out or "runs/pretrain"
