@@ -3,7 +3,6 @@
 The spoken clips are made here by the voices themselves, so the expected text is known."""
 import io
 import os
-import subprocess
 import sys
 import wave
 
@@ -194,10 +193,13 @@ def test_transcribe_from_path_and_samples_agree(tmp_path):
         audio.transcribe(path, model="whisper-large")
 
 
-def test_speech_extra_is_named_when_missing():
-    """Without the extra the error names it (run in a child where faster_whisper and piper cannot import)."""
-    code = ("import sys; sys.modules['faster_whisper'] = None; sys.modules['piper'] = None\n"
-            "from mmchat.multimodal import audio, speech\n"
-            "print(audio.missing()); print(speech.piper_missing())")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.count("pip install 'mmchat[speech]'") == 2
+def test_speech_extra_is_named_when_missing(monkeypatch):
+    """Without the extra (faster_whisper and piper made unimportable) the errors name it."""
+    monkeypatch.setitem(sys.modules, "faster_whisper", None)
+    monkeypatch.setitem(sys.modules, "piper", None)
+    assert "pip install 'mmchat[speech]'" in audio.missing()
+    assert "pip install 'mmchat[speech]'" in speech.piper_missing()
+    with pytest.raises(MMChatError, match=r"needs faster-whisper: pip install 'mmchat\[speech\]'"):
+        audio.transcribe(tone())
+    with pytest.raises(MMChatError, match="needs piper-tts"):
+        speech.synthesize("hello", "joe")

@@ -1,6 +1,5 @@
 """`mmchat chat --speak` and `/audio PATH` driven for real in a pseudo-terminal, with the embedded SmolLM2."""
 import os
-import re
 import sys
 
 import pytest
