@@ -131,23 +131,53 @@ def test_bad_input_fails_with_one_line(tmp_path, capsys):
         assert len(lines) == 1 and message in lines[0], (args, lines)
 
 
-@pytest.mark.slow
-def test_torchrun_two_processes_match_one(tmp_path):
-    """DDP with 2 processes x 2 rows gives the loss curve of 1 process x 4 rows (gloo on CPU)."""
-    common = ["train", "pretrain", "--config", "tiny", "--data", CORPUS, "--max-steps", "5", "--seq-len", "32",
-              "--lr", "3e-3", "--warmup-steps", "2", "--eval-every", "0", "--no-progress", "--seed", "7"]
-    one = run_cli(*common, "--batch-size", "4", "--out", str(tmp_path / "one"))
-    assert one.returncode == 0, one.stderr
+DDP_RUN = ["train", "pretrain", "--config", "tiny", "--data", CORPUS, "--max-steps", "5", "--seq-len", "32",
+           "--lr", "3e-3", "--warmup-steps", "2", "--eval-every", "0", "--no-progress", "--seed", "7"]
+
+
+def torchrun(*launcher_args, out):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29533", "-m", "mmchat", *common, "--batch-size", "2",
-                          "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=300, env=env)
-    assert two.returncode == 0, two.stderr[-3000:]
-    h1 = load_checkpoint_file(tmp_path / "one" / "checkpoint.pt")["history"]
-    h2 = load_checkpoint_file(tmp_path / "two" / "checkpoint.pt")["history"]
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *launcher_args, "-m", "mmchat", *DDP_RUN,
+                             "--batch-size", "2", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+
+
+def assert_same_training(one_dir, two_dir):
+    h1 = load_checkpoint_file(one_dir / "checkpoint.pt")["history"]
+    h2 = load_checkpoint_file(two_dir / "checkpoint.pt")["history"]
     l1, l2 = [h["loss"] for h in h1], [h["loss"] for h in h2]
     assert l2 == pytest.approx(l1, abs=1e-5)
     assert l2[-1] < l2[0]
-    w1 = load_checkpoint_file(tmp_path / "one" / "checkpoint.pt")["model"]
-    w2 = load_checkpoint_file(tmp_path / "two" / "checkpoint.pt")["model"]
+    w1 = load_checkpoint_file(one_dir / "checkpoint.pt")["model"]
+    w2 = load_checkpoint_file(two_dir / "checkpoint.pt")["model"]
     assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("one")
+    one = run_cli(*DDP_RUN, "--batch-size", "4", "--out", str(out))
+    assert one.returncode == 0, one.stderr
+    return out
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one(tmp_path, one_process_run):
+    """DDP with 2 processes x 2 rows gives the loss curve of 1 process x 4 rows (gloo on CPU)."""
+    two = torchrun("--nproc_per_node", "2", "--master_port", "29533", out=tmp_path / "two")
+    _, err = two.communicate(timeout=300)
+    assert two.returncode == 0, err[-3000:]
+    assert_same_training(one_process_run, tmp_path / "two")
+
+
+@pytest.mark.slow
+def test_torchrun_two_machines_match_one(tmp_path, one_process_run):
+    """Two launchers joined by torchrun's c10d rendezvous, as on two machines (here both on loopback, one process
+    each): the same loss curve as 1 process x 4 rows."""
+    rdzv = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:29544",
+            "--rdzv-id", "mmchat-test"]
+    nodes = [torchrun(*rdzv, out=tmp_path / "two") for _ in range(2)]
+    for node in nodes:
+        _, err = node.communicate(timeout=300)
+        assert node.returncode == 0, err[-3000:]
+    assert_same_training(one_process_run, tmp_path / "two")

@@ -241,6 +241,34 @@ def cmd_translate(args):
     _print_stream(translate(_load(args), text, args.to, getattr(args, "from"), **_sampling(args, chat=True)))
 
 
+def cmd_transcribe(args):
+    """Write down what is said in an audio FILE (WAV, MP3, FLAC, OGG/Opus, WebM, M4A), with Whisper tiny.en."""
+    from .multimodal import audio
+    print(audio.transcribe(args.file).text)
+
+
+def cmd_speak(args):
+    """Say TEXT aloud (Piper's joe voice, or --voice espeak), or write it to --out FILE (.wav, .mp3, .flac...)."""
+    from pathlib import Path
+
+    from .multimodal import speech
+    if args.out:
+        fmt = Path(args.out).suffix.lstrip(".").lower() or "wav"
+        fmt = {"ogg": "opus"}.get(fmt, fmt)
+        if fmt not in speech.FORMATS or fmt == "pcm":
+            raise MMChatError(f"--out {args.out}: write .wav, .mp3, .flac, .opus or .aac")
+        samples, rate = speech.synthesize(args.text, args.voice, args.speed)
+        Path(args.out).write_bytes(speech.encode(samples, rate, fmt))
+        print(f"wrote {args.out} ({len(samples) / rate:.1f} s)")
+        return
+    speaker = speech.Speaker(args.voice)
+    note = speaker.say(args.text)
+    if note:
+        print(note)
+    elif speaker.playing:
+        speaker.playing.wait()
+
+
 def cmd_forget(args):
     """Delete saved conversations for real (their text is wiped from the database files): one by id, or --all."""
     from .chat.store import Store
@@ -271,6 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", type=int, help="layer of the large single-head map (default: the last)")
     p.add_argument("--head", type=int, help="head of the large single-head map (default: 0)")
     add("rm", cmd_rm).add_argument("name")
+    add("transcribe", cmd_transcribe).add_argument("file")
+    p = add("speak", cmd_speak)
+    p.add_argument("text")
+    p.add_argument("--voice", help="joe (Piper) or espeak (espeak-ng); default: joe where Piper is installed")
+    p.add_argument("--speed", type=float, default=1.0, help="0.25 to 4 (default: 1)")
+    p.add_argument("--out", "-o", help="write the speech to this file instead of playing it")
     p = add("forget", cmd_forget)
     p.add_argument("id", nargs="?", help="a conversation id (or a unique prefix of one)")
     p.add_argument("--all", action="store_true", help="every saved conversation")
