@@ -181,3 +181,12 @@ def test_torchrun_two_machines_match_one(tmp_path, one_process_run):
         _, err = node.communicate(timeout=300)
         assert node.returncode == 0, err[-3000:]
     assert_same_training(one_process_run, tmp_path / "two")
+
+
+def test_auto_precision_uses_bf16_only_where_it_is_faster():
+    from mmchat.quantize import cpu_has_bf16
+    from mmchat.train.loop import use_bf16
+    cpu = torch.device("cpu")
+    assert use_bf16("auto", cpu, 1_000_000) is False  # a small model: the casts cost more than they save
+    assert use_bf16("auto", cpu, 135_000_000) is cpu_has_bf16()
+    assert use_bf16("fp32", cpu, 135_000_000) is False and use_bf16("bf16", cpu, 1_000) is True
