@@ -203,3 +203,21 @@ def test_speech_extra_is_named_when_missing(monkeypatch):
         audio.transcribe(tone())
     with pytest.raises(MMChatError, match="needs piper-tts"):
         speech.synthesize("hello", "joe")
+
+
+@needs_whisper
+@needs_espeak
+@pytest.mark.slow
+def test_cli_speak_and_transcribe(tmp_path):
+    import subprocess
+
+    def mmchat(*args):
+        return subprocess.run([sys.executable, "-m", "mmchat", *args], capture_output=True, text=True, timeout=300)
+    out = tmp_path / "said.mp3"
+    r = mmchat("speak", "--voice", "espeak", "--out", str(out), "Translate this sentence into French for me.")
+    assert r.returncode == 0 and out.exists() and audio.sniff(out.read_bytes()) == "mp3", r.stderr
+    r = mmchat("transcribe", str(out))
+    assert r.returncode == 0 and speech_eval.word_errors("Translate this sentence into French for me.",
+                                                         r.stdout)[0] <= 1, r.stdout
+    r = mmchat("speak", "--out", str(tmp_path / "x.txt"), "hi")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "write .wav, .mp3" in r.stderr
