@@ -199,10 +199,12 @@ def test_speech_extra_is_named_when_missing(monkeypatch):
     monkeypatch.setitem(sys.modules, "piper", None)
     assert "pip install 'mmchat[speech]'" in audio.missing()
     assert "pip install 'mmchat[speech]'" in speech.piper_missing()
-    with pytest.raises(MMChatError, match=r"needs faster-whisper: pip install 'mmchat\[speech\]'"):
+    with pytest.raises(audio.NotInstalled, match=r"needs faster-whisper: pip install 'mmchat\[speech\]'"):
         audio.transcribe(tone())
-    with pytest.raises(MMChatError, match="needs piper-tts"):
+    with pytest.raises(audio.NotInstalled, match="needs piper-tts"):
         speech.synthesize("hello", "joe")
+    from mmchat.serve.audio import _bad_audio
+    assert _bad_audio(audio.NotInstalled("x"), "file").status == 501  # the server's answer: not the client's fault
 
 
 @needs_whisper

