@@ -178,3 +178,49 @@ def test_short_requests_pass_a_long_one_and_long_prefills_are_chunked(engine):
     during = len(long.generated) - before
     assert during >= 12, during  # one decode step of the long answer per prefill chunk
     long.cancel()
+
+
+def test_direct_generate_beside_a_running_engine(model, engine):
+    """A direct generate() on the engine's model from another thread takes turns with the engine's loop, one
+    forward pass at a time, each with its own cache: both get what they get alone."""
+    import threading
+    params = SamplingParams(max_tokens=40, temperature=0)
+    want_direct = generate_ids(model, [PROMPTS[2]], params)[0]
+    want_engine = [engine.submit(p, params).tokens() for p in PROMPTS[:3]]
+    got = {}
+    for _ in range(3):  # a few rounds, so the two really interleave
+        handles = [engine.submit(p, params) for p in PROMPTS[:3]]
+        t = threading.Thread(target=lambda: got.__setitem__("direct", generate_ids(model, [PROMPTS[2]], params)[0]))
+        t.start()
+        assert [h.tokens() for h in handles] == want_engine
+        t.join()
+        assert got["direct"] == want_direct
+
+
+def test_async_consumers_are_woken_once_per_step_for_all_their_tokens(engine):
+    """Many streams on one event loop: every item arrives, and the engine hands the loop one wake-up per step
+    (not one per token)."""
+    loop_calls = []
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        original = loop.call_soon_threadsafe
+
+        def counting(callback, *args, **kwargs):
+            loop_calls.append(callback)
+            return original(callback, *args, **kwargs)
+
+        loop.call_soon_threadsafe = counting
+        params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+        handles = [engine.submit(p, params) for p in PROMPTS[:3]]
+
+        async def collect(h):
+            return [t.token async for t in h]
+
+        return await asyncio.gather(*(collect(h) for h in handles)), handles
+
+    got, handles = asyncio.run(main())
+    assert [len(g) for g in got] == [20, 20, 20]
+    assert got == [h.generated for h in handles]
+    # 3 streams x 20 tokens (+ their ends) arrive in about 20 decode steps and a few prefills, not 63 wake-ups
+    assert len(loop_calls) <= 20 + 3 + 3, len(loop_calls)

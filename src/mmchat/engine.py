@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import MMChatError
-from .generate import Sampler, SamplingParams, TokenOut
+from .generate import Sampler, SamplingParams, TokenOut, model_lock
 from .model import Transformer
 
 
@@ -47,6 +47,7 @@ class Handle:
         self.channel = channel              # when set, items go there as (seq, item) instead of our own queue
         self.cached_tokens = 0              # prompt tokens found in the slot's cache, not prefilled again
         self.generated: list[int] = []
+        self.stop_ids: set[int] = set()     # tokens that end it (end-of-sequence and stop tokens)
         self.finish_reason: str | None = None
         self.cancelled = False
         self.submitted_at = time.perf_counter()
@@ -62,7 +63,7 @@ class Handle:
             return
         self._q.put(item)
         if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._event.set)
+            self.engine._wake_later(self._loop, self._event)
 
     # -- caller side ------------------------------------------------------------------------------------------
     def cancel(self):
@@ -166,6 +167,10 @@ class Engine:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._closed = False
+        # asyncio consumers to wake, by event loop: one call_soon_threadsafe per loop per step, not per token
+        self._wakeups: dict[asyncio.AbstractEventLoop, list[asyncio.Event]] = {}
+        self._wakeups_lock = threading.Lock()
+        self._model_lock = model_lock(model)  # shared with direct generate() calls on the same model
         self._thread = threading.Thread(target=self._run, name="mmchat-engine", daemon=True)
         self._thread.start()
 
@@ -196,6 +201,7 @@ class Engine:
                 self.stats.rejected += 1
                 raise EngineBusy(f"the server is busy ({len(self._waiting)} requests waiting); retry shortly")
             handle = Handle(self, next(self._ids), list(prompt), params, seq, channel)
+            handle.stop_ids = self._stops(params)
             self._waiting.append(handle)
             self.stats.requests += 1
             self._cond.notify()
@@ -232,11 +238,26 @@ class Engine:
         self._thread.join(timeout=10)
         for h in list(self._waiting) + [s.handle for s in self.slots if s.handle]:
             h._put(_END)
+        self._flush_wakeups()
 
     # -- the loop -----------------------------------------------------------------------------------------------
     def _wake(self):
         with self._cond:
             self._cond.notify()
+
+    def _wake_later(self, loop: asyncio.AbstractEventLoop, event: asyncio.Event):
+        """Note an asyncio consumer that has items; `_flush_wakeups` wakes each event loop once for all of them."""
+        with self._wakeups_lock:
+            self._wakeups.setdefault(loop, []).append(event)
+
+    def _flush_wakeups(self):
+        with self._wakeups_lock:
+            pending, self._wakeups = self._wakeups, {}
+        for loop, events in pending.items():
+            try:
+                loop.call_soon_threadsafe(_set_all, events)
+            except RuntimeError:  # that loop is closed: nobody waits there any more
+                pass
 
     def _stops(self, p: SamplingParams) -> set[int]:
         return (set() if p.ignore_eos else self.eos_token_ids) | set(p.stop_token_ids)
@@ -251,13 +272,16 @@ class Engine:
                         return
                     self._reap()
                     self._admit()
+                self._flush_wakeups()
                 try:
-                    self._step()
+                    with self._model_lock:
+                        self._step()
                 except Exception as e:  # a bug or out of memory: fail the running requests, keep serving
                     for s in self.slots:
                         if s.handle is not None:
                             s.handle._put(MMChatError(f"generation failed: {e}"))
                             self._release(s, "error")
+                self._flush_wakeups()
 
     def _has_work(self) -> bool:
         return bool(self._waiting) or any(s.handle is not None for s in self.slots)
@@ -370,7 +394,7 @@ class Engine:
             h.first_token_at = h.first_token_at or now
             self.stats.generated_tokens += 1
             n = len(h.generated)
-            reason = "stop" if ids[i] in self._stops(h.params) else ("length" if n >= s.budget else None)
+            reason = "stop" if ids[i] in h.stop_ids else ("length" if n >= s.budget else None)
             alts = None
             if top is not None and h.params.top_logprobs:
                 kk = h.params.top_logprobs
@@ -381,6 +405,11 @@ class Engine:
                 self._release(s, reason)
             else:
                 s.next_token = ids[i]
+
+
+def _set_all(events: list[asyncio.Event]):
+    for e in events:
+        e.set()
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import random
+import threading
+import weakref
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -247,6 +249,21 @@ def check_prompt(prompt: list[int], max_seq_len: int):
                           "shorten it")
 
 
+_locks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_locks_guard = threading.Lock()
+
+
+def model_lock(model: Transformer) -> threading.RLock:
+    """The lock every user of `model`'s KV cache holds while running it, so a continuous-batching engine and
+    direct generate() calls on the same model from other threads take turns, one forward pass at a time
+    (each installs its own caches first)."""
+    with _locks_guard:
+        lock = _locks.get(model)
+        if lock is None:
+            lock = _locks[model] = threading.RLock()
+        return lock
+
+
 @torch.inference_mode()
 def generate(model: Transformer, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
              eos_token_ids: list[int] = (), prompt_embeds: list[torch.Tensor | None] | None = None):
@@ -262,7 +279,6 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     B, device = len(prompts), model.tok_embeddings.weight.device
     lengths = [len(p) for p in prompts]
     max_len = max(l + b for l, b in zip(lengths, budgets))
-    model.setup_cache(B, max_len)
     sampler = Sampler(params, model.cfg.vocab_size, device)
     stops = [set(() if p.ignore_eos else eos_token_ids) | set(p.stop_token_ids) for p in params]
 
@@ -280,15 +296,30 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
                 embeds[i, : e.size(0)] = e.to(embeds.dtype)
     positions = torch.arange(T, device=device).expand(B, T)  # (B, T)
     last = torch.tensor(lengths, device=device) - 1  # (B,)
-    logits = model(tokens if embeds is None else None, positions, embeds=embeds, output_index=last)[:, -1]  # (B, V)
+    lock = model_lock(model)
+    with lock:  # the prefill, into our own freshly made caches
+        model.setup_cache(B, max_len)
+        caches = [layer.attn.cache for layer in model.layers]
+        logits = model(tokens if embeds is None else None, positions, embeds=embeds,
+                       output_index=last)[:, -1]  # (B, V)
+
+    def forward(*args, **kwargs):  # one decode step; the lock is taken per step, never across a yield
+        with lock:
+            if model.layers[0].attn.cache is not caches[0]:  # another user ran the model in between
+                for layer, cache in zip(model.layers, caches):
+                    layer.attn.cache = cache
+                model.cache_len = max_len
+            return model(*args, **kwargs)
 
     try:
-        yield from _decode(model, sampler, logits, params, stops, budgets, lengths, max_len)
+        yield from _decode(forward, sampler, logits, params, stops, budgets, lengths, max_len)
     finally:
-        model.clear_cache()
+        with lock:
+            if model.layers[0].attn.cache is caches[0]:
+                model.clear_cache()
 
 
-def _decode(model, sampler, logits, params, stops, budgets, lengths, max_len):
+def _decode(forward, sampler, logits, params, stops, budgets, lengths, max_len):
     B, device = len(params), logits.device
     active = list(range(B))
     pos = torch.tensor(lengths, device=device)  # (B,) the slot of the next token
@@ -317,7 +348,7 @@ def _decode(model, sampler, logits, params, stops, budgets, lengths, max_len):
         if not active:
             break
         # every row steps (finished rows write into their own slots, which nobody reads); one forward pass
-        logits = model(next_tokens[:, None], pos[:, None].clamp(max=max_len - 1))[:, -1]  # (B, V)
+        logits = forward(next_tokens[:, None], pos[:, None].clamp(max=max_len - 1))[:, -1]  # (B, V)
         pos = pos + 1
 
 

@@ -544,10 +544,15 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, slots: int
                     or not isinstance(m.get("content"), str):
                 raise oa.APIError(400, f"messages.{i} needs a role (user or assistant) and text content",
                                   f"messages.{i}")
+            if not isinstance(m.get("meta") or {}, dict):
+                raise oa.APIError(400, f"messages.{i}.meta must be an object", f"messages.{i}.meta")
             messages.append(StoredMessage(m["role"], m["content"], m.get("meta") or {}))
         fields = {k: body[k] for k in ("title", "system", "preset", "settings", "model") if body.get(k) is not None}
         if not isinstance(fields.get("settings", {}), dict):
             raise oa.APIError(400, "'settings' must be an object", "settings")
+        for k in ("title", "system", "preset", "model"):
+            if not isinstance(fields.get(k, ""), str):
+                raise oa.APIError(400, f"'{k}' must be a string", k)
         return fields, messages
 
     def find(cid: str) -> str:
