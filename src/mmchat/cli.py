@@ -350,6 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-save", action="store_true", help="keep this conversation in memory only (/save keeps it)")
     p.add_argument("--context", type=int, help="context window in tokens (default: 4096 or the model's, if less)")
     p.add_argument("--plain", action="store_true", help="print answers as plain text, not rendered Markdown")
+    p.add_argument("--tools", metavar="NAMES", help="built-in tools the model may call: calendar,datetime,calculator "
+                   "or builtin (all); the personal-assistant preset has them")
+    p.add_argument("--kb", metavar="DB", help="answer from a knowledge base (a kb.db, 'default' or 'sample'), citing "
+                   "it; the customer-service preset uses 'default'")
     p.add_argument("--redact", action="store_true",
                    help="redact personal data before conversations are saved (also: MMCHAT_REDACT=1)")
     p.add_argument("--speak", nargs="?", const="default", metavar="VOICE",

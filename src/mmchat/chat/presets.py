@@ -12,6 +12,10 @@ name) as NAME.toml in $MMCHAT_HOME/presets, else $XDG_CONFIG_HOME/mmchat/presets
     [[messages]]             # optional example exchanges shown to the model before the conversation
     role = "user"
     content = "Hello"
+
+and, before any table, `tools = ["calendar", "datetime", "calculator"]` (built-in tools the model may call) and
+`knowledge = "default"` (answer from the knowledge base: "default" is `mmchat kb add`'s, "sample" the sample shop,
+or a path to a kb.db).
 """
 from __future__ import annotations
 
@@ -27,7 +31,8 @@ from ..generate import SamplingParams
 from ..registry import user_dir
 
 SAMPLING_FIELDS = {f.name: f.type for f in fields(SamplingParams)}
-TOP_LEVEL = {"description": str, "system": str, "model": str, "variables": dict, "sampling": dict, "messages": list}
+TOP_LEVEL = {"description": str, "system": str, "model": str, "variables": dict, "sampling": dict, "messages": list,
+             "tools": list, "knowledge": str}
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -51,6 +56,8 @@ class Preset:
     variables: dict[str, str] = field(default_factory=dict)   # placeholder -> value (defaults until `with_vars`)
     messages: list[dict] = field(default_factory=list)       # example exchanges
     source: str = ""                                          # the file it came from
+    tools: list[str] = field(default_factory=list)            # built-in tools the model may call (chat/assistant.py)
+    knowledge: str | None = None                              # a knowledge base to answer from: sample, default, path
 
     def with_vars(self, /, **values: str) -> "Preset":
         """The same preset with some {{placeholders}} set, e.g. translator's source and target languages."""
@@ -137,8 +144,14 @@ def parse_preset(text: str, name: str, source: str = "<preset>") -> Preset:
         if not isinstance(m, dict) or m.get("role") not in ("user", "assistant", "system") \
                 or not isinstance(m.get("content"), str):
             fail(f"messages[{i}] needs role = \"user\" or \"assistant\" and content = \"...\"")
+    from .assistant import BUILTIN_TOOLS
+    tools = data.get("tools", [])
+    for t in tools:
+        if t not in BUILTIN_TOOLS:
+            fail(f"unknown tool {t!r}; the built-in tools are: {', '.join(BUILTIN_TOOLS)}", "tools")
     preset = Preset(name, data.get("system", ""), data.get("description", ""), data.get("model"), dict(sampling),
-                    {k: str(v) for k, v in variables.items()}, list(messages), source)
+                    {k: str(v) for k, v in variables.items()}, list(messages), source, list(tools),
+                    data.get("knowledge"))
     used = set(_PLACEHOLDER.findall(preset.system + "".join(m["content"] for m in messages)))
     if used - set(variables):
         missing = sorted(used - set(variables))[0]

@@ -84,9 +84,13 @@ class Chat:
     def __init__(self, llm: LLM | str | None = None, system: str | None = None, preset: str | Preset | None = None,
                  store: Store | str | Path | bool | None = None, context: int | None = None,
                  stop: list[str] | None = None, on_notice: Callable[[str], None] | None = None,
-                 preset_vars: dict | None = None, **sampling):
+                 preset_vars: dict | None = None, tools=None, knowledge=None,
+                 on_tool: Callable[[str, str, str], None] | None = None, **sampling):
         self.llm = llm if isinstance(llm, LLM) else LLM.load(llm or "smollm2", progress=False)
         self.on_notice = on_notice
+        # tools the model may call (a ToolRegistry, or built-in names) and a knowledge base to answer from (a
+        # KnowledgeBase, "sample", "default" or a kb.db path); a preset may name them too (chat/assistant.py)
+        self.tools, self.knowledge, self.on_tool = None, None, on_tool
         self.notices: list[str] = []
         self.stop = list(stop or [])
         self.sampling: dict = {}
@@ -103,6 +107,10 @@ class Chat:
             self.set_preset(preset, **(preset_vars or {}))
         if system is not None:
             self._system = system
+        if tools is not None or knowledge is not None:
+            from . import assistant
+            self.tools, self.knowledge = assistant.attach(tools, knowledge, self.tools, self.knowledge,
+                                                          self._notice)
         self.set_sampling(**sampling)
         self.context = self._context_window(context)
         if self.llm.template.is_fallback:
@@ -142,6 +150,10 @@ class Chat:
             p = preset if isinstance(preset, Preset) else presets_mod.get(preset)
             self.preset = p.with_vars(**variables) if variables else p
         self._system = self.preset.system_prompt if self.preset and self.preset.system else None
+        if self.preset and (self.preset.tools or self.preset.knowledge):
+            from . import assistant
+            self.tools, self.knowledge = assistant.attach(self.preset.tools or None, self.preset.knowledge,
+                                                          None, None, self._notice)
         self._window_start = 0
         self._save_settings()
 
@@ -238,7 +250,7 @@ class Chat:
             self._truncate(len(self.messages) - 1)
         self.messages.append(candidate[-1])
         self._store_append(candidate[-1])
-        return self._answer(ids, params, dropped)
+        return self._respond(ids, params, dropped)
 
     def send(self, text: str, **sampling) -> str:
         """Send a user message; the whole answer."""
@@ -254,7 +266,7 @@ class Chat:
             raise MMChatError("nothing to regenerate: the last message is not yours")
         params = self.params(**sampling)
         ids, dropped = self._prompt(self.messages, reserve=min(params.max_tokens, self.context // 4))
-        return self._answer(ids, params, dropped)
+        return self._respond(ids, params, dropped)
 
     def undo(self) -> list[Message]:
         """Take back the last exchange (your message and its answer). Returns what was removed."""
@@ -278,7 +290,16 @@ class Chat:
             self.store.truncate(self.conversation_id, keep)
 
     # -- generation -------------------------------------------------------------------------------------------
-    def _answer(self, ids: list[int], params, dropped: int) -> Iterator[str]:
+    def _respond(self, ids: list[int], params, dropped: int) -> Iterator[str]:
+        """The answer to the last user message: from the knowledge base, with tools, or plain."""
+        if self.knowledge is not None or self.tools is not None:
+            from . import assistant
+            return assistant.turn(self, params, dropped)
+        return self._answer(ids, params, dropped)
+
+    def _answer(self, ids: list[int], params, dropped: int, finish_text=None) -> Iterator[str]:
+        """Stream the answer to prompt `ids` and keep it. `finish_text(text)` may rewrite the kept text and add to its
+        meta -> (text, meta), or return None to keep nothing (a tool call, not an answer)."""
         engine = self.llm.engine
         handle = engine.submit(ids, params)
         stats = TurnStats(prompt_tokens=len(ids), dropped_turns=dropped)
@@ -307,14 +328,17 @@ class Chat:
                 stats.decode_s = end - handle.first_token_at
             stats.finish_reason = finish or "stopped"
             self.last = stats
-            self._finish(("".join(pieces)).strip(), stats)
+            answer = "".join(pieces).strip()
+            kept = finish_text(answer) if finish_text is not None and answer else (answer, {})
+            if kept is not None:
+                self._finish(kept[0], stats, kept[1])
 
-    def _finish(self, answer: str, stats: TurnStats):
+    def _finish(self, answer: str, stats: TurnStats, meta: dict | None = None):
         if not answer and stats.finish_reason == "stopped":
             # stopped before any text: take the question back too, so the history stays user/assistant pairs
             self._truncate(len(self.messages) - 1)
             return
-        message = Message("assistant", answer, {**stats.to_meta(), "model": self.llm.name})
+        message = Message("assistant", answer, {**stats.to_meta(), "model": self.llm.name, **(meta or {})})
         self.messages.append(message)
         self._store_append(message)
 

@@ -192,6 +192,9 @@ class Terminal:
         s = self.chat.last
         if s is None:
             return
+        last = self.chat.messages[-1] if self.chat.messages else None
+        for source in (last.meta.get("sources") or []) if last is not None and last.role == "assistant" else ():
+            self.note(f"[{source['n']}] {source['cite']}", "cyan")  # the passages the answer cites
         if stopped:
             self.note("(stopped)" if s.new_tokens else "(stopped before the answer began; your message was taken back)")
         self.note(f"{s.new_tokens} tokens · {s.tokens_per_s:.1f} tokens/s · first token after {s.ttft_s:.2f} s "
@@ -350,6 +353,12 @@ def run(args) -> None:
     else:
         chat = Chat(llm, system=args.system, preset=args.preset, preset_vars=preset_vars, store=store,
                     context=args.context, stop=args.stop, on_notice=notice, **sampling)
+    # a tool call is shown as it runs: its arguments and its result
+    chat.on_tool = lambda name, arguments, result: console.print(
+        f"tool {name}({arguments}) -> {result}", style="cyan", markup=False, highlight=False, soft_wrap=True)
+    if getattr(args, "tools", None) or getattr(args, "kb", None):
+        from . import assistant
+        chat.tools, chat.knowledge = assistant.attach(args.tools, args.kb, chat.tools, chat.knowledge, notice)
     terminal.chat = chat
     terminal.speaker = speaker
     terminal.banner()

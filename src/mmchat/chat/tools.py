@@ -168,11 +168,14 @@ class ToolRegistry:
     def builtin(cls, calendar: Calendar | None = None) -> "ToolRegistry":
         """The date and time, the calculator and (given a calendar) the calendar and reminder tools."""
         reg = cls([make_tool("current_datetime", "The current date, weekday and time.",
-                             {"type": "object", "properties": {}}, current_datetime),
+                             {"type": "object", "properties": {}}, current_datetime,
+                             [("What time is it?", {}), ("What is the date today?", {})]),
                    make_tool("calculator", "Evaluate an arithmetic expression, e.g. (12.5 * 4) / 3 or sqrt(2).",
                              {"type": "object", "properties": {"expression": {
                                  "type": "string", "pattern": r"^[0-9a-z+\-*/%^(). ,]{1,80}$"}},
-                              "required": ["expression"]}, calculate)])
+                              "required": ["expression"]}, calculate,
+                             [("What is 12 times 7?", {"expression": "12 * 7"}),
+                              ("How much is 120 divided by 8, plus 3?", {"expression": "120 / 8 + 3"})])])
         for tool in calendar_tools(calendar) if calendar is not None else ():
             reg.add(tool)
         return reg
@@ -282,6 +285,7 @@ def calendar_tools(cal: Calendar) -> list[Tool]:
                   obj({"day": day, "end_day": day}, ["day"]),
                   lambda day, end_day=None: {"day": cal._day(day), "events": cal.events_between(day, end_day or day)},
                   [("What is on my calendar on 2025-02-14?", {"day": "2025-02-14"}),
+                   ("What do I have on 2025-03-09?", {"day": "2025-03-09"}),
                    ("What do I have tomorrow?", {"day": "tomorrow"})]),
         make_tool("move_event", "Move an event (by its id) to another day and/or time.",
                   obj({"id": event_id, "day": day, "time": time}, ["id"]),
