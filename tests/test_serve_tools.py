@@ -227,3 +227,35 @@ def test_smollm2_weather_round_trip(smollm2_path):
         assert final.choices[0].finish_reason in ("stop", "length") and ("23" in text or "fog" in text), text
     finally:
         stop_server(proc)
+
+
+def test_knowledge_answers_cite_and_decline(client, model):
+    """"knowledge": the passages are retrieved before the model answers; the answer cites one and the message
+    carries what it cites; an out-of-scope question is declined without the model. (The model is random: what
+    is checked is the retrieval, the citation and the decline, not its words.)"""
+    from mmchat.chat.knowledge import DONT_KNOW
+    ask = [{"role": "system", "content": "You work for Lumen & Loom."},
+           {"role": "user", "content": "Do you deliver to Switzerland?"}]
+    r = client.chat.completions.create(model=model, messages=ask, max_tokens=12, temperature=0,
+                                       extra_body={"knowledge": "sample"})
+    msg = r.choices[0].message
+    cites = msg.model_extra["citations"]
+    assert cites and all(f"[{c['index']}]" in msg.content for c in cites)
+    assert any(c["source"] == "shipping.md, Shipping and delivery > International shipping" and "Switzerland" in
+               c["text"] for c in cites), cites
+    streamed, seen = "", []
+    for chunk in client.chat.completions.create(model=model, messages=ask, max_tokens=12, temperature=0,
+                                                stream=True, extra_body={"knowledge": "sample"}):
+        for ch in chunk.choices:
+            streamed += ch.delta.content or ""
+            seen += (ch.delta.model_extra or {}).get("citations") or []
+    assert streamed == msg.content and seen == cites
+    out = [{"role": "user", "content": "What is the capital of France?"}]
+    r = client.chat.completions.create(model=model, messages=out, max_tokens=12, extra_body={"knowledge": "sample"})
+    assert r.choices[0].message.content == DONT_KNOW and r.choices[0].message.model_extra["citations"] == []
+    text = "".join(ch.choices[0].delta.content or "" for ch in client.chat.completions.create(
+        model=model, messages=out, max_tokens=12, stream=True, extra_body={"knowledge": "sample"}) if ch.choices)
+    assert text == DONT_KNOW
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=model, messages=out, max_tokens=2, extra_body={"knowledge": "shop"})
+    assert "'knowledge'" in str(e.value)

@@ -28,6 +28,7 @@ from ..tokenizer import StreamDecoder
 from . import audio as speech_routes
 from . import openai as oa
 from .limits import Gate, GateLayer, Policy, run_server
+from . import knowledge as kb_answers
 from . import tools as tool_calls
 
 STATIC = Path(__file__).parent / "static"
@@ -368,6 +369,15 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, slots: int
         check_model(req.model)
         messages = tool_calls.chat_messages(req)
         tools = tool_calls.plan(req)  # None without tools; 400 for a broken tool schema or tool_choice
+        grounding = kb_answers.ground(req, messages)  # passages from the knowledge base, when asked for
+        if grounding is not None:
+            if tools is not None:
+                raise oa.APIError(400, "'knowledge' and 'tools' cannot be combined yet; send one of them", "tools")
+            if grounding.declined:  # nothing relevant: say so without asking the model
+                answer = kb_answers.declined(model_name, req.n, req.stream,
+                                             bool(req.stream_options and req.stream_options.include_usage))
+                return streaming(answer) if req.stream else answer
+            messages = grounding.messages
         if tool_calls.uses_tools(messages, tools):
             prompt = tool_calls.render(llm, messages, tools)
         else:
@@ -394,6 +404,10 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, slots: int
 
         def message(c: ChoiceText) -> tuple[dict, str | None]:
             """A finished choice -> (its message, its finish_reason): calls become message.tool_calls."""
+            if grounding is not None:  # the answer cites its passages
+                text = c.text + grounding.suffix(c.text)
+                return ({"role": "assistant", "content": text, "citations": grounding.citations(text)},
+                        c.finish_reason)
             if not calling:
                 return {"role": "assistant", "content": c.text}, c.finish_reason
             content, calls = tool_calls.split_output(c.text)
@@ -439,6 +453,11 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, slots: int
                 for j, delta in enumerate(deltas):
                     yield chunk([{"index": c.index, "delta": delta, "logprobs": logprobs if j == 0 else None,
                                   "finish_reason": None}])
+                if c.finish_reason is not None and grounding is not None:  # the citation, and what it cites
+                    extra = grounding.suffix(c.text)
+                    yield chunk([{"index": c.index, "delta": {"content": extra,
+                                                              "citations": grounding.citations(c.text + extra)},
+                                  "logprobs": None, "finish_reason": None}])
                 if c.finish_reason is not None:
                     reason = tool_calls.finish_reason(c.finish_reason, splitters[c.index].complete_calls) \
                         if splitters else c.finish_reason

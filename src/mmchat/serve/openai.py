@@ -116,6 +116,7 @@ class ChatCompletionRequest(_Sampling):
     tools: list[dict] | None = None      # checked (schemas, names) in serve/tools.py
     tool_choice: str | dict | None = None  # none, auto, required or {"type": "function", "function": {...}}
     parallel_tool_calls: bool | None = None
+    knowledge: bool | str | None = None  # mmchat's extension: answer from the knowledge base (serve/knowledge.py)
 
 
 class CompletionRequest(_Sampling):
