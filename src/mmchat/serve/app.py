@@ -275,6 +275,19 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, slots: int
 
     async def events(handles):
         """(index, TokenOut) from all handles as they come; None marks the end of one handle."""
+        if len(handles) == 1:  # one choice: read it directly, without a task and a queue hop per token
+            items = handles[0].__aiter__()
+            try:
+                while True:
+                    try:
+                        t = await items.__anext__()
+                    except StopAsyncIteration:
+                        return
+                    except Exception as e:  # noqa: BLE001 - the engine failed this request
+                        raise oa.APIError(500, str(e), type="server_error") from None
+                    yield 0, t
+            finally:
+                handles[0].cancel()  # a no-op when finished; frees the slot when the client went away
         q: asyncio.Queue = asyncio.Queue()
 
         async def pump(i, h):
