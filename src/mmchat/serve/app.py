@@ -627,6 +627,9 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, slots: int
         store().delete(find(cid))
         return {"id": cid, "deleted": True}
 
+    from .attention import add_routes as add_attention_routes
+    add_attention_routes(app, llm, read_json)  # POST /api/explain: the page's attention view of an answer
+
     @app.get("/api/presets")
     async def presets():
         try:

@@ -177,6 +177,7 @@ function renderMessage(m, index) {
     if (m.role === "user") actions.appendChild(button("Edit", () => editMessage(index)));
     if (m.role === "assistant" && index === state.conv.messages.length - 1) actions.appendChild(button("Regenerate", regenerate));
     if (m.role === "assistant" && m.content && typeof Speech !== "undefined") actions.appendChild(button("Speak", () => Speech.say(m.content)));
+    if (m.role === "assistant" && m.content && typeof Attention !== "undefined") actions.appendChild(button("Attention", () => Attention.toggle(div, m.content)));
   }
   div.append(role, actions, content);
   if (m.meta && m.meta.finish_reason === "stopped") {
