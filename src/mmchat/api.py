@@ -228,15 +228,20 @@ class LLM:
         return self._engine or self.start_engine()
 
     def stream_ids(self, prompts: list[list[int]], params: SamplingParams, n: int = 1,
-                   stop: list[str] | None = None) -> Iterator[tuple[int, str, object]]:
-        """Decode all prompts x n samples together. Yields (sequence index, text delta, TokenOut)."""
+                   stop: list[str] | None = None, images: list | None = None) -> Iterator[tuple[int, str, object]]:
+        """Decode all prompts x n samples together. Yields (sequence index, text delta, TokenOut).
+        images: per prompt, None or the (start, (49, d) embeddings) blocks that replace its image slots."""
         rows = [ids for ids in prompts for _ in range(n)]
+        row_images = [im for im in (images or [None] * len(prompts)) for _ in range(n)]
         row_params = [with_seed_offset(params, i % n) for i in range(len(rows))]
         decoders = [StreamDecoder(self.tokenizer) for _ in rows]
         stoppers = [StopStrings(stop or []) for _ in rows]
         engine = self.engine
         if all(len(ids) + params.max_tokens <= engine.context_len for ids in rows):
-            steps = self._engine_steps(engine, rows, row_params)
+            steps = self._engine_steps(engine, rows, row_params, row_images)
+        elif any(row_images):
+            raise MMChatError(f"a conversation with images must fit in {engine.context_len} tokens (prompt and answer); "
+                              "shorten it or lower max_tokens")
         else:  # longer than the engine's slots hold: a batch of its own, up to the model's full context
             steps = generate(self.model, rows, row_params, self.eos_token_ids)
         finished: set[int] = set()
@@ -261,14 +266,15 @@ class LLM:
             steps.close()
 
     @staticmethod
-    def _engine_steps(engine: Engine, rows: list[list[int]], row_params: list[SamplingParams]):
+    def _engine_steps(engine: Engine, rows: list[list[int]], row_params: list[SamplingParams], row_images=None):
         """The engine's output for these rows, in the shape generate() yields: lists of TokenOut. Send the set
         of sequences to stop; closing the generator cancels whatever still runs."""
         channel: queue.Queue = queue.Queue()
         handles = []
         try:
             for i, (ids, p) in enumerate(zip(rows, row_params)):
-                handles.append(engine.submit(ids, p, seq=i, channel=channel))
+                handles.append(engine.submit(ids, p, seq=i, channel=channel,
+                                             images=row_images[i] if row_images else None))
             running = len(handles)
             while running:
                 step = []
@@ -349,17 +355,32 @@ class LLM:
                 yield text
 
     def chat(self, messages: list[dict] | str, stream: bool = False, stop: list[str] | str | None = None,
-             response_format: dict | None = None, json_schema=None, **sampling) -> str | Iterator[str]:
+             response_format: dict | None = None, json_schema=None, images: list | None = None,
+             **sampling) -> str | Iterator[str]:
         """Answer a conversation (OpenAI-style message dicts, or one user message as a string).
         response_format (OpenAI's: json_object, or json_schema with a schema) or json_schema (a schema dict or
-        JSON text) constrain the answer to JSON that validates against it."""
+        JSON text) constrain the answer to JSON that validates against it.
+        Images: content parts ({"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}} or
+        {"type": "image", "image": path/bytes/PIL image}), or `images=[...]` added to the last user message."""
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
         params = sampling_params(CHAT_DEFAULTS, **self._constrained(sampling, response_format, json_schema))
         stop = [stop] if isinstance(stop, str) else stop
-        ids = self.render_chat(messages)
-        pieces = (text for _, text, _ in self.stream_ids([ids], params, 1, stop) if text)
+        ids, blocks = self.chat_prompt(messages, images)
+        pieces = (text for _, text, _ in self.stream_ids([ids], params, 1, stop, images=[blocks]) if text)
         return pieces if stream else "".join(pieces)
+
+
+    def chat_prompt(self, messages: list[dict], images: list | None = None) -> tuple[list[int], list | None]:
+        """A conversation -> its prompt token ids, and the image blocks to splice into them (None: no images).
+        Images go through the model's image adapter (mmchat.multimodal.projector), loaded on first use."""
+        if images:
+            from .multimodal.projector import with_images
+            messages = with_images(messages, images)
+        if not any(isinstance(m, dict) and isinstance(m.get("content"), list) for m in messages):
+            return self.render_chat(messages), None
+        from .multimodal.projector import chat_prompt  # only conversations with content parts need it
+        return chat_prompt(self, messages)
 
 
 def load(model: str = registry.DEFAULT_MODEL, **kwargs) -> LLM:

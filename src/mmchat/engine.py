@@ -46,6 +46,7 @@ class Handle:
         self.engine, self.id, self.prompt, self.params, self.seq = engine, rid, prompt, params, seq
         self.channel = channel              # when set, items go there as (seq, item) instead of our own queue
         self.cached_tokens = 0              # prompt tokens found in the slot's cache, not prefilled again
+        self.images: list[tuple[int, torch.Tensor]] = []  # (start, (n, d) embeddings) replacing prompt slots
         self.generated: list[int] = []
         self.stop_ids: set[int] = set()     # tokens that end it (end-of-sequence and stop tokens)
         self.finish_reason: str | None = None
@@ -181,9 +182,10 @@ class Engine:
         return self.max_len - 1
 
     def submit(self, prompt: list[int], params: SamplingParams, seq: int = 0,
-               channel: queue.Queue | None = None) -> Handle:
+               channel: queue.Queue | None = None, images: list[tuple[int, torch.Tensor]] | None = None) -> Handle:
         """Queue a request. Raises MMChatError for a prompt that cannot fit, EngineBusy when the queue is full.
-        `seq` tags its TokenOut items; with `channel`, items go there as (seq, item), None after the last."""
+        `seq` tags its TokenOut items; with `channel`, items go there as (seq, item), None after the last.
+        `images`: (start, (n, d) embeddings) blocks that replace the embeddings of prompt[start:start + n]."""
         params.validate()
         if not prompt:
             raise MMChatError("the prompt is empty; give some text")
@@ -201,6 +203,7 @@ class Engine:
                 self.stats.rejected += 1
                 raise EngineBusy(f"the server is busy ({len(self._waiting)} requests waiting); retry shortly")
             handle = Handle(self, next(self._ids), list(prompt), params, seq, channel)
+            handle.images = sorted(images or [], key=lambda im: im[0])
             handle.stop_ids = self._stops(params)
             self._waiting.append(handle)
             self.stats.requests += 1
@@ -302,6 +305,8 @@ class Engine:
         if reason is not None and h.finish_reason is None:
             h.finish_reason = reason
         slot.handle, slot.next_token, slot.last_used = None, None, time.perf_counter()
+        if h.images:  # nobody may reuse the cache past the first image on the strength of its placeholder ids
+            slot.tokens = slot.tokens[: h.images[0][0]]
         h._put(_END)
 
     def _admit(self):
@@ -314,6 +319,8 @@ class Engine:
             slot = max(free, key=lambda s: (_common_prefix(s.tokens, h.prompt), -s.last_used * (s.tokens != []),
                                             -s.index))
             keep = min(_common_prefix(slot.tokens, h.prompt), len(h.prompt) - 1)  # prefill at least one token
+            if h.images:  # image slots hold placeholder ids: equal ids do not mean equal inputs there
+                keep = min(keep, h.images[0][0])
             slot.tokens = slot.tokens[:keep]
             slot.handle, slot.prefilled, slot.next_token = h, keep, None
             slot.budget = min(h.params.max_tokens, self.context_len - len(h.prompt))
@@ -348,7 +355,10 @@ class Engine:
         positions = torch.arange(start, start + len(chunk), device=self.device)[None]  # (1, T)
         rows = torch.tensor([slot.index], device=self.device)  # (1,)
         last = start + len(chunk) == len(h.prompt)
-        logits = self.model(tokens, positions, output_index=torch.tensor([len(chunk) - 1], device=self.device)
+        embeds = self._image_embeds(h, tokens, start)
+        self._mark_image_rows([slot])
+        logits = self.model(None if embeds is not None else tokens, positions, embeds=embeds,
+                            output_index=torch.tensor([len(chunk) - 1], device=self.device)
                             if last else torch.tensor([0], device=self.device), cache_rows=rows)[:, -1]  # (1, V)
         slot.tokens.extend(chunk)
         slot.prefilled += len(chunk)
@@ -363,6 +373,7 @@ class Engine:
         tokens = torch.tensor([[s.next_token] for s in decoding], dtype=torch.long, device=self.device)  # (B, 1)
         positions = torch.tensor([[len(s.tokens)] for s in decoding], device=self.device)  # (B, 1)
         rows = None if index == list(range(len(index))) else torch.tensor(index, device=self.device)  # (B,)
+        self._mark_image_rows(decoding)
         logits = self.model(tokens, positions, cache_rows=rows)[:, -1]  # (B, V)
         for s in decoding:
             s.tokens.append(s.next_token)
@@ -370,6 +381,24 @@ class Engine:
         self.stats.batch_size = len(decoding)
         self.stats.max_batch_size = max(self.stats.max_batch_size, len(decoding))
         self._emit(decoding, logits)
+
+    def _mark_image_rows(self, slots: list[Slot]):
+        """Tell the model which batch rows carry an image (an image adapter's low-rank update applies to those
+        only): a (B,) bool tensor, or None when none does."""
+        rows = [bool(s.handle.images) for s in slots]
+        self.model.adapter_rows = torch.tensor(rows, device=self.device) if any(rows) else None
+
+    def _image_embeds(self, h: Handle, tokens: torch.Tensor, start: int) -> torch.Tensor | None:
+        """The chunk's input embeddings (1, T, d) with the parts of image blocks that fall inside it, or None."""
+        end = start + tokens.size(1)
+        inside = [(s, e) for s, e in h.images if s < end and s + e.size(0) > start]
+        if not inside:
+            return None
+        x = self.model.embed(tokens)  # (1, T, d)
+        for s, e in inside:
+            lo, hi = max(s, start), min(s + e.size(0), end)
+            x[0, lo - start: hi - start] = e[lo - s: hi - s].to(x.dtype)
+        return x
 
     def _emit(self, slots: list[Slot], logits: torch.Tensor):
         """Sample the next token of each slot from its logits (B, V), hand it out, and end finished requests."""

@@ -195,6 +195,10 @@ class Chat:
                 rest[0]["content"] = f"{system}\n\n{rest[0]['content']}"
             messages = rest
         try:
+            self._image_blocks = None  # what the engine splices into the image slots of the prompt
+            if any(isinstance(m.get("content"), list) for m in messages):
+                ids, self._image_blocks = self.llm.chat_prompt(messages)
+                return ids
             return self.llm.render_chat(messages)
         except MMChatError:
             if self._fold_system or not messages or messages[0]["role"] != "system":
@@ -207,7 +211,7 @@ class Chat:
         the context window minus `reserve` tokens for the answer. Returns (ids, turns left out now)."""
         budget = self.context - reserve
         start = min(self._window_start, len(messages) - 1)
-        as_dicts = [{"role": m.role, "content": m.content} for m in messages]
+        as_dicts = [self._as_dict(m) for m in messages]
         ids = self._render(self._prefix() + as_dicts[start:])
         if len(ids) <= budget:
             self._window_start = start
@@ -235,15 +239,26 @@ class Chat:
                          "(they stay in the history)")
         return ids, dropped
 
-    def stream(self, text: str, **sampling) -> Iterator[str]:
+    @staticmethod
+    def _as_dict(m: Message) -> dict:
+        """A message for the template; its images (meta "images": file paths) as image content parts first."""
+        if not m.meta.get("images"):
+            return {"role": m.role, "content": m.content}
+        return {"role": m.role, "content": [{"type": "image", "image": p} for p in m.meta["images"]]
+                + [{"type": "text", "text": m.content}]}
+
+    def stream(self, text: str, images: list | None = None, **sampling) -> Iterator[str]:
         """Send a user message and yield the answer as it comes. Closing the iterator early (or Ctrl-C) stops
-        the answer and keeps what was said so far."""
-        if not isinstance(text, str) or not text.strip():
+        the answer and keeps what was said so far. `images`: paths of image files that go with the message."""
+        if images:
+            images = [str(Path(p).expanduser().resolve()) for p in images]
+        if not isinstance(text, str) or not (text.strip() or images):
             raise MMChatError("the message is empty; type something")
         params = self.params(**sampling)
         # a previous message that never got an answer (a crash during it) is replaced by this one
         unanswered = bool(self.messages) and self.messages[-1].role == "user"
-        candidate = self.messages[: len(self.messages) - unanswered] + [Message("user", text)]
+        candidate = self.messages[: len(self.messages) - unanswered] + \
+            [Message("user", text, {"images": images} if images else {})]
         ids, dropped = self._prompt(candidate, reserve=min(params.max_tokens, self.context // 4))
         if unanswered:
             self._notice("the previous message had no answer; it is replaced by this one")
@@ -301,7 +316,7 @@ class Chat:
         """Stream the answer to prompt `ids` and keep it. `finish_text(text)` may rewrite the kept text and add to its
         meta -> (text, meta), or return None to keep nothing (a tool call, not an answer)."""
         engine = self.llm.engine
-        handle = engine.submit(ids, params)
+        handle = engine.submit(ids, params, images=getattr(self, "_image_blocks", None))
         stats = TurnStats(prompt_tokens=len(ids), dropped_turns=dropped)
         decoder, stopper = StreamDecoder(self.llm.tokenizer), StopStrings(self.stop)
         pieces: list[str] = []

@@ -31,6 +31,7 @@ HELP = [
     ("/load ID", "continue a saved conversation"),
     ("/list", "the saved conversations"),
     ("/export [FILE.md|FILE.json]", "write this conversation to a file (default mmchat-ID.md)"),
+    ("/image PATH [TEXT]", "send an image (PNG, JPEG...) with a question about it, e.g. /image cat.jpg What is this?"),
     ("/audio PATH [TEXT]", "send a spoken message (WAV, MP3, FLAC, OGG...): transcribed, then answered; TEXT goes "
                            "before it"),
     ("/exit", "quit (also /quit, /bye or Ctrl-D)"),
@@ -108,6 +109,7 @@ class Terminal:
             "help": self.cmd_help, "reset": self.cmd_reset, "system": self.cmd_system, "preset": self.cmd_preset,
             "set": self.cmd_set, "regenerate": self.cmd_regenerate, "undo": self.cmd_undo, "save": self.cmd_save,
             "load": self.cmd_load, "list": self.cmd_list, "export": self.cmd_export, "audio": self.cmd_audio,
+            "image": self.cmd_image,
             "exit": None, "quit": None, "bye": None,
         }
 
@@ -264,6 +266,14 @@ class Terminal:
 
     def cmd_regenerate(self, arg):
         self.answer(self.chat.regenerate())
+
+    def cmd_image(self, arg):
+        words = shlex.split(arg)
+        if not words:
+            raise MMChatError("/image needs the path of an image file, e.g. /image photo.jpg What is in it?")
+        text = " ".join(words[1:]) or "Describe this image."
+        self.note(f"(reading {words[0]} ...)")
+        self.answer(self.chat.stream(text, images=[words[0]]))
 
     def cmd_audio(self, arg):
         from ..multimodal import audio

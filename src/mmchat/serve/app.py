@@ -30,6 +30,7 @@ from . import openai as oa
 from .limits import Gate, GateLayer, Policy, run_server
 from . import knowledge as kb_answers
 from . import tools as tool_calls
+from . import vision as image_routes
 
 STATIC = Path(__file__).parent / "static"
 ROUTES = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/audio/transcriptions", "/v1/audio/speech")
@@ -255,13 +256,14 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, slots: int
                               "max_tokens", "context_length_exceeded")
         return params
 
-    def submit_all(prompts: list[list[int]], params: SamplingParams, n: int):
-        """One engine request per (prompt, sample); seeds offset per sample so n choices differ reproducibly."""
+    def submit_all(prompts: list[list[int]], params: SamplingParams, n: int, images: list | None = None):
+        """One engine request per (prompt, sample); seeds offset per sample so n choices differ reproducibly.
+        images: the image blocks of the (one) prompt, spliced in by the engine."""
         handles = []
         try:
             for ids in prompts:
                 for j in range(n):
-                    handles.append(engine.submit(ids, with_seed_offset(params, j), seq=len(handles)))
+                    handles.append(engine.submit(ids, with_seed_offset(params, j), seq=len(handles), images=images))
         except EngineBusy as e:
             for h in handles:
                 h.cancel()
@@ -391,8 +393,13 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, slots: int
                                              bool(req.stream_options and req.stream_options.include_usage))
                 return streaming(answer) if req.stream else answer
             messages = grounding.messages
+        images = None  # image blocks (serve/vision.py) when a message has image_url parts
         if tool_calls.uses_tools(messages, tools):
+            if image_routes.has_images(req):
+                raise oa.APIError(400, "images cannot be combined with tools yet; send one or the other", "tools")
             prompt = tool_calls.render(llm, messages, tools)
+        elif image_routes.has_images(req):  # the encoder runs off the event loop
+            prompt, images = await asyncio.to_thread(image_routes.chat_prompt, llm, req, messages)
         else:
             try:
                 prompt = llm.render_chat(messages)
@@ -409,7 +416,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, slots: int
                 params = replace(params, constraint=llm.constraint(response_format=req.response_format))
             except MMChatError as e:
                 raise oa.APIError(400, str(e), "response_format") from None
-        handles = submit_all([prompt], params, req.n)
+        handles = submit_all([prompt], params, req.n, images)
         choices = [ChoiceText(i, llm.tokenizer, stop) for i in range(req.n)]
         cid, created = oa.new_id("chatcmpl"), oa.now()
         want_logprobs = req.logprobs

@@ -60,6 +60,17 @@ class AudioPart(_Strict):
     input_audio: InputAudio
 
 
+class ImageURL(_Strict):
+    url: str     # a data:image/...;base64 URI (nothing is fetched)
+    detail: Literal["auto", "low", "high"] | None = None  # accepted; every image is read at 224x224
+
+
+class ImagePart(_Strict):
+    """An image in a user message, read by the model's image adapter (mmchat.multimodal.projector)."""
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
 class FunctionCall(_Strict):
     name: str
     arguments: str  # JSON text, as the model wrote it
@@ -73,14 +84,14 @@ class ToolCall(_Strict):
 
 class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart | AudioPart] | None = None
+    content: str | list[TextPart | AudioPart | ImagePart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None  # an assistant's calls, fed back with their results
     tool_call_id: str | None = None           # a tool message: the call it answers
 
     def text(self) -> str:
         if isinstance(self.content, list):
-            return "".join(p.text for p in self.content)
+            return "".join(p.text for p in self.content if p.type == "text")
         return self.content or ""
 
 
@@ -139,9 +150,15 @@ def parse_request(body: Any, kind: Literal["chat", "completion"], vocab_size: in
         for i, m in enumerate(body["messages"]):
             parts = m.get("content") if isinstance(m, dict) else None
             for part in parts if isinstance(parts, list) else ():
-                if isinstance(part, dict) and part.get("type") not in (None, "text", "input_audio"):
+                if isinstance(part, dict) and part.get("type") not in (None, "text", "input_audio", "image_url"):
                     raise APIError(400, f"content parts of type '{part['type']}' are not supported by this server "
                                    "yet; send text", f"messages.{i}.content", "unsupported_content")
+                spec = part.get("image_url") if isinstance(part, dict) else None
+                url = spec.get("url") if isinstance(spec, dict) else None
+                if isinstance(url, str) and not url.startswith("data:"):
+                    raise APIError(400, "image URLs are not fetched (mmchat makes no network requests); send the "
+                                   "image inline as a data URI: data:image/png;base64,...",
+                                   f"messages.{i}.content", "image_url_not_supported")
     schema = ChatCompletionRequest if kind == "chat" else CompletionRequest
     known = set(schema.model_fields)
     for name in body:

@@ -180,6 +180,7 @@ function renderMessage(m, index) {
     if (m.role === "assistant" && m.content && typeof Attention !== "undefined") actions.appendChild(button("Attention", () => Attention.toggle(div, m.content)));
   }
   div.append(role, actions, content);
+  if (typeof Images !== "undefined") Images.decorate(div, m);  // an attached image as a thumbnail
   if (m.meta && m.meta.finish_reason === "stopped") {
     const note = document.createElement("div");
     note.className = "note";
@@ -212,7 +213,9 @@ function updateLast() {
 async function generate() {
   const messages = [];
   if ($("system").value.trim()) messages.push({role: "system", content: $("system").value});
-  for (const m of state.conv.messages) messages.push({role: m.role, content: m.content});
+  for (const m of state.conv.messages) {
+    messages.push({role: m.role, content: typeof Images !== "undefined" ? Images.content(m) : m.content});
+  }
   const answer = {role: "assistant", content: "", meta: {tokens: []}};
   state.conv.messages.push(answer);
   state.controller = new AbortController();
@@ -268,7 +271,7 @@ async function generate() {
 
 async function send(text) {
   if (!text.trim() || state.controller) return;
-  state.conv.messages.push({role: "user", content: text, meta: {}});
+  state.conv.messages.push({role: "user", content: text, meta: typeof Images !== "undefined" ? Images.take() : {}});
   await generate();
 }
 
