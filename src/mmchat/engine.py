@@ -366,13 +366,13 @@ class Engine:
             self._emit([slot], logits)
 
     def _decode(self, decoding: list[Slot]):
-        """One forward pass for the decoding slots only. When they are cache rows 0..B-1 the cache is read as
-        views; otherwise `cache_rows` gathers their rows, which costs little next to the weights because only
-        the used part of each row is read. Idle slots cost nothing."""
+        """One forward pass for the decoding slots only; idle slots cost nothing. `cache_rows` always names
+        their rows, even when they are 0..B-1: the gathered keys and values (only the used part of each row)
+        are contiguous, and batched attention over them is faster than over strided views of a long cache."""
         index = [s.index for s in decoding]
         tokens = torch.tensor([[s.next_token] for s in decoding], dtype=torch.long, device=self.device)  # (B, 1)
         positions = torch.tensor([[len(s.tokens)] for s in decoding], device=self.device)  # (B, 1)
-        rows = None if index == list(range(len(index))) else torch.tensor(index, device=self.device)  # (B,)
+        rows = torch.tensor(index, device=self.device)  # (B,)
         self._mark_image_rows(decoding)
         logits = self.model(tokens, positions, cache_rows=rows)[:, -1]  # (B, V)
         for s in decoding:
