@@ -637,6 +637,8 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, slots: int
     from .attention import add_routes as add_attention_routes
     add_attention_routes(app, llm, read_json)  # POST /api/explain: the page's attention view of an answer
 
+    tool_calls.add_routes(app, read_json)  # the web page's built-in tools
+
     @app.get("/api/presets")
     async def presets():
         try:
@@ -644,7 +646,8 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, slots: int
             found = chat_presets.available()
         except (ImportError, MMChatError):
             return []
-        return [{"name": name, "description": p.description, "system": p.system_prompt, "sampling": p.sampling}
+        return [{"name": name, "description": p.description, "system": p.system_prompt, "sampling": p.sampling,
+                 "tools": p.tools, "knowledge": p.knowledge}
                 for name, p in sorted(found.items())]
 
     @app.get("/")

@@ -14,6 +14,8 @@ import re
 import secrets
 from dataclasses import dataclass
 
+from fastapi import Request
+
 from ..chat.tools import (CALL_CLOSE, CALL_OPEN, Tool, ToolRegistry, parse_tool_calls, prepare_messages,
                           resolve_choice, tool_constraint)
 from ..errors import MMChatError
@@ -169,3 +171,36 @@ class CallStream:
     @property
     def complete_calls(self) -> list[dict]:
         return self.calls
+
+
+# -- the web page's built-in tools ----------------------------------------------------------------------------------
+def add_routes(app, read_json):
+    """/api/tools: the built-in tools' specs (the web page offers them to the model); /api/tools/route: which tool
+    a message asks for (by the tools' example requests), /api/tools/call: run one call here. The calendar lives
+    in $MMCHAT_HOME/calendar.db, the same as the terminal chat's."""
+    from ..chat import assistant
+    registry: list[ToolRegistry] = []
+
+    def builtins() -> ToolRegistry:
+        if not registry:
+            registry.append(assistant.builtin_tools())
+        return registry[0]
+
+    @app.get("/api/tools")
+    async def tool_specs():
+        return builtins().specs()
+
+    @app.post("/api/tools/route")
+    async def tool_route(request: Request):
+        body = await read_json(request)
+        if not isinstance(body, dict) or not isinstance(body.get("message"), str):
+            raise APIError(400, "send {\"message\": TEXT}", "message")
+        return {"tool": assistant.route(builtins(), body["message"])}
+
+    @app.post("/api/tools/call")
+    async def tool_call(request: Request):
+        body = await read_json(request)
+        if not isinstance(body, dict) or not isinstance(body.get("name"), str):
+            raise APIError(400, "send {\"name\": TOOL, \"arguments\": JSON TEXT}", "name")
+        # a bad call or a tool that raises comes back as {"error": ...} in the result, for the model to read
+        return {"result": builtins().call(body["name"], body.get("arguments") or "{}")}

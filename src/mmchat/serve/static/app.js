@@ -180,6 +180,7 @@ function renderMessage(m, index) {
     if (m.role === "assistant" && m.content && typeof Attention !== "undefined") actions.appendChild(button("Attention", () => Attention.toggle(div, m.content)));
   }
   div.append(role, actions, content);
+  if (typeof Assist !== "undefined") Assist.decorate(div, m);  // tool calls and cited passages
   if (typeof Images !== "undefined") Images.decorate(div, m);  // an attached image as a thumbnail
   if (m.meta && m.meta.finish_reason === "stopped") {
     const note = document.createElement("div");
@@ -224,10 +225,12 @@ async function generate() {
   const started = performance.now();
   let usage = null;
   try {
+    // tools and the knowledge base (assist.js) add to the request
+    const request = await Assist.request({model: state.model, messages, stream: true,
+                                          stream_options: {include_usage: true}, logprobs: true, top_logprobs: 5,
+                                          ...sampling()});
     const r = await fetch("/v1/chat/completions", {
-      method: "POST", headers: headers(), signal: state.controller.signal,
-      body: JSON.stringify({model: state.model, messages, stream: true, stream_options: {include_usage: true},
-                            logprobs: true, top_logprobs: 5, ...sampling()}),
+      method: "POST", headers: headers(), signal: state.controller.signal, body: JSON.stringify(request),
     });
     if (!r.ok) {
       let message = `${r.status}`;
@@ -254,10 +257,12 @@ async function generate() {
           if (c.delta && c.delta.content) answer.content += c.delta.content;
           if (c.logprobs && c.logprobs.content) answer.meta.tokens.push(...c.logprobs.content);
           if (c.finish_reason) answer.meta.finish_reason = c.finish_reason;
+          Assist.delta(c, answer);
         }
         updateLast();
       }
     }
+    await Assist.finish(answer, request, state.controller.signal, updateLast);  // run calls, answer from results
     const secs = (performance.now() - started) / 1000;
     setStatus(usage ? `${usage.completion_tokens} tokens in ${secs.toFixed(1)} s` : "");
   } catch (e) {
