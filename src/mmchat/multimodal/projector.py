@@ -4,9 +4,9 @@ a two-layer MLP -> 49 vectors in the LM's embedding space, spliced into the prom
 A message's content may be OpenAI content parts; images go in as
     {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}   (OpenAI's shape)
     {"type": "image", "image": <path, bytes, PIL image or numpy array>}          (Python convenience)
-Each image becomes 49 placeholder tokens in the rendered chat, then a short line with the ImageNet classifier's
-best guesses when it is confident (what the small projector, trained on drawn scenes only, cannot name itself),
-then the message's text.
+Each image becomes 49 placeholder tokens in the rendered chat, then, for a photo-like image on which the ImageNet
+classifier is confident, a short line with its best guesses (what the small projector, trained on drawn scenes
+only, cannot name itself: a cat, an espresso), then the message's text.
 
 An adapter file (safetensors) holds the projector and, optionally, a low-rank update of the LM's attention
 (stage 2 of the alignment) that is applied only to the rows of a batch that carry an image, so text-only chats
@@ -93,10 +93,13 @@ class Adapter:
     @torch.inference_mode()
     def embed_images(self, images: list, dtype=torch.float32, device="cpu") -> tuple[list[torch.Tensor], list[str]]:
         """Images -> one (49, d_model) embedding block each, and each one's classifier hint ("" if unsure)."""
-        grids, logits = vision.encode(images)  # (N, 1280, 7, 7), (N, 1000)
+        pictures = [vision.open_image(im) for im in images]
+        grids, logits = vision.encode(pictures)  # (N, 1280, 7, 7), (N, 1000)
         p = next(self.projector.parameters())
         embeds = self.projector(grids.to(p.device, p.dtype)).to(device, dtype)  # (N, 49, d)
-        return list(embeds), [classifier_hint(top) for top in vision.top_labels(logits, k=3)]
+        hints = [classifier_hint(top) if looks_like_photo(im) else ""
+                 for im, top in zip(pictures, vision.top_labels(logits, k=3))]
+        return list(embeds), hints
 
     def save(self, path: str | Path):
         from safetensors.torch import save_file
@@ -131,6 +134,15 @@ class Adapter:
 
     def fits(self, cfg) -> bool:
         return all(self.meta.get(k) == getattr(cfg, k) for k in ("d_model", "n_layer", "vocab_size"))
+
+
+def looks_like_photo(image, min_colours: int = 64) -> bool:
+    """Whether an image has a photo's many colours. ImageNet's classes name things in photographs; on a flat
+    drawing (the generated scenes have under 30 colours) the classifier's confident guesses are noise such as
+    "pinwheel" or "military aircraft", so they are only handed to the model for photo-like images."""
+    from PIL import Image
+    colours = image.resize((64, 64), Image.Resampling.NEAREST).getcolors(maxcolors=min_colours)
+    return colours is None  # None: more than min_colours distinct colours
 
 
 def classifier_hint(top: list[tuple[str, float]]) -> str:

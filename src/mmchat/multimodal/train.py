@@ -210,11 +210,13 @@ def align(stage: int, out: str | Path, cfg, model: str = "smollm2", init: str | 
 
 # -- held-out accuracy ---------------------------------------------------------------------------------------------
 def evaluate(llm, n_scenes: int = 60, kinds=("colour", "shape", "count", "position", "word"), seed: int = 0,
-             progress: bool = True) -> dict:
+             progress: bool = True, batch: int = 4) -> dict:
     """Ask the chat model about held-out scenes (the val split) through the real chat path (images as content
-    parts, greedy answers) and grade each reply. Returns {kind: {"correct", "total", "accuracy"}, "examples"}."""
-    from ..api import sampling_params
+    parts, greedy answers, `batch` questions decoded together) and grade each reply.
+    Returns {kind: {"correct", "total", "accuracy"}, "examples": [...]}."""
     from tqdm import tqdm
+
+    from ..api import sampling_params
     rng = random.Random(seed)
     asks = []
     for i in range(n_scenes):
@@ -222,22 +224,27 @@ def evaluate(llm, n_scenes: int = 60, kinds=("colour", "shape", "count", "positi
         if not s.clean:
             continue
         image = scenes.draw(s)
-        for kind, q, _ in scenes.questions(s, rng):
-            if kind in kinds:
-                asks.append((s, kind, q, image))
+        asks += [(s, kind, q, image) for kind, q, _ in scenes.questions(s, rng) if kind in kinds]
     params = sampling_params({}, temperature=0.0, max_tokens=24)
     results = {k: {"correct": 0, "total": 0} for k in kinds}
     shown = []
-    for s, kind, q, image in tqdm(asks, desc="asking", disable=not progress, file=sys.stderr):
-        msg = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": q}]}]
-        ids, blocks = llm.chat_prompt(msg)
-        reply = "".join(t for _, t, _ in llm.stream_ids([ids], params, images=[blocks]))
-        ok = scenes.grade(kind, s, reply)
-        results[kind]["correct"] += ok
-        results[kind]["total"] += 1
-        if len(shown) < 12:
-            shown.append({"kind": kind, "question": q, "reply": reply.strip(), "truth": scenes.answer(s, kind),
-                          "correct": ok})
+    with tqdm(total=len(asks), desc="asking", disable=not progress, file=sys.stderr) as bar:
+        for at in range(0, len(asks), batch):
+            group = asks[at: at + batch]
+            prompts = [llm.chat_prompt([{"role": "user", "content": [{"type": "image", "image": image},
+                                                                     {"type": "text", "text": q}]}])
+                       for _, _, q, image in group]
+            replies = [""] * len(group)
+            for seq, text, _ in llm.stream_ids([ids for ids, _ in prompts], params, images=[b for _, b in prompts]):
+                replies[seq] += text
+            for (s, kind, q, _), reply in zip(group, replies):
+                ok = scenes.grade(kind, s, reply)
+                results[kind]["correct"] += ok
+                results[kind]["total"] += 1
+                if len(shown) < 15:
+                    shown.append({"kind": kind, "question": q, "reply": reply.strip(),
+                                  "truth": scenes.answer(s, kind), "correct": ok})
+            bar.update(len(group))
     for r in results.values():
         r["accuracy"] = r["correct"] / r["total"] if r["total"] else None
     return {**results, "examples": shown}
