@@ -185,3 +185,19 @@ def test_train_vision_smoke(tmp_path, monkeypatch):
     assert adapter.fits(llm.config) and adapter.lora and adapter.meta["stage"] == 2
     assert (tmp_path / "run" / "checkpoint.pt").exists()
 
+
+
+def test_chat_session_keeps_the_image_for_later_turns(tiny, tmp_path):
+    from mmchat.chat.session import Chat
+    tiny.vision_adapter = random_adapter(tiny.config, lora=True)
+    picture = tmp_path / "scene.png"
+    scenes.draw(scenes.make_scene("val", 4)).save(picture)
+    chat = Chat(tiny, store=False, temperature=0.0, max_tokens=4)
+    first = chat.send("What colour?", images=[str(picture)])
+    assert chat.messages[0].meta["images"] == [str(picture.resolve())] and chat.messages[1].content == first
+    blocks_turn1 = chat._image_blocks
+    chat.send("And the shape?")  # the image is still part of what the model sees
+    assert chat._image_blocks is not None and len(chat._image_blocks) == 1
+    assert chat._image_blocks[0][0] == blocks_turn1[0][0]  # same place: the earlier turns render the same
+    with pytest.raises(MMChatError, match="no such image file"):
+        chat.send("this one?", images=[str(tmp_path / "missing.png")])
