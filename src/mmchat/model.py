@@ -98,7 +98,8 @@ class KVCache(nn.Module):
         S = self.k.size(2) if length is None else length
         if cache_rows is None:
             return self.k[:B, :, :S], self.v[:B, :, :S]  # views, no copy
-        return self.k[cache_rows, :, :S], self.v[cache_rows, :, :S]
+        # index_select on the used slots copies only those (several times faster than advanced indexing)
+        return self.k[:, :, :S].index_select(0, cache_rows), self.v[:, :, :S].index_select(0, cache_rows)
 
 
 class Attention(nn.Module):
