@@ -16,7 +16,7 @@ from mmchat.chat.tools import ToolRegistry, make_tool
 from mmchat.errors import MMChatError
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_knowledge import HELD_OUT, OUT_OF_SCOPE, _hit  # noqa: E402
+from test_knowledge import HELD_OUT, OUT_OF_SCOPE  # noqa: E402
 
 
 def test_route_picks_the_tool_whose_examples_the_message_resembles():

@@ -162,14 +162,17 @@ def tools_turn(chat, params, dropped: int, max_rounds: int = 2) -> Iterator[str]
         last = round_ == max_rounds - 1
         mode, allowed = resolve_choice(chat.tools, "none" if last else choice)
         base = chat.context_messages
-        intro = {"role": "system", "content": f"Today is {date.today().isoformat()}, "
-                                              f"{date.today().strftime('%A')}."}
+        today = f"Today is {date.today().isoformat()}, {date.today().strftime('%A')}."
+        if exchange:  # the answer round: say what the results are for
+            today += " Answer the user in one short sentence from the function results in <tool_response>."
+        intro = {"role": "system", "content": today}
         head = [intro] if not base or base[0]["role"] != "system" else \
             [{"role": "system", "content": f"{base[0]['content']}\n{intro['content']}"}]
-        # a call round sees only the message it answers: a small model copies dates and names from earlier turns
-        # (and from its own earlier answers) into the arguments; the answer round sees the whole conversation
+        # a message that asks for a tool, and the answer from its results, see only that message (and the calls):
+        # a small model copies dates and names from earlier turns, and from its own earlier answers, into its
+        # arguments and its answer; any other message sees the whole conversation
         turns = [m for m in base if m["role"] != "system"]
-        messages = head + (turns if exchange or mode == "none" else turns[-1:]) + exchange
+        messages = head + (turns[-1:] if named or exchange else turns) + exchange
         offered = allowed if mode != "none" else []
         chat_msgs, specs = prepare_messages(messages, offered, chat.llm.template)
         text = chat.llm.template.render(chat_msgs, add_generation_prompt=True, tools=specs)
