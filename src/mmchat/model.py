@@ -33,29 +33,41 @@ def attention_reference(q, k, v, mask=None):
 def attention_decode(q, k, v, mask):
     """Attention for one new token per row (decode) as plain matmuls, the query heads that share a K/V head
     batched together: for a single query the fused kernel's setup costs more than the work (4x at batch 8).
-    q: (B, nh, 1, hs); k, v: (B, nkv, S, hs); mask: (B, 1, 1, S) bool. Returns (B, nh, 1, hs)."""
+    q: (B, nh, 1, hs); k, v: (B, nkv, S, hs); mask: (B, 1, 1, S), bool (True where a query may look) or float32
+    (0 there, -inf elsewhere: `decode_bias`, made once per step for every layer). Returns (B, nh, 1, hs)."""
     B, nh, _, hs = q.shape
     nkv, S = k.size(1), k.size(2)
+    if mask.dtype == torch.bool:
+        mask = decode_bias(mask)
     qg = q.reshape(B, nkv, nh // nkv, hs)  # (B, nkv, g, hs)
-    scores = (qg @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nkv, g, S)
-    scores = scores.masked_fill(~mask.view(B, 1, 1, S), float("-inf"))
-    weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)  # (B, nkv, g, S)
+    # scale, mask and the step up to float32 for the softmax in one op: bias + scores / sqrt(hs)
+    scores = torch.add(mask.view(B, 1, 1, S), qg @ k.transpose(-2, -1), alpha=1.0 / math.sqrt(hs))  # (B,nkv,g,S)
+    weights = torch.softmax(scores, dim=-1).to(q.dtype)  # (B, nkv, g, S)
     return (weights @ v).reshape(B, nh, 1, hs)
 
 
+def decode_bias(mask):
+    """A bool attention mask as a float32 additive one: 0 where a query may look, -inf elsewhere."""
+    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
 def rope_tables(head_dim: int, max_len: int, theta: float):
-    """cos and sin of position * theta^(-2i/d) for every position, (max_len, head_dim), HF's half-split layout."""
+    """cos and sin of position * theta^(-2i/d) for every position, (max_len, head_dim), HF's half-split layout.
+    The sin table's first half is negated (see apply_rope)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (hs/2,)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (max_len, hs/2)
     angles = torch.cat([angles, angles], dim=-1)  # (max_len, hs)
-    return angles.cos(), angles.sin()
+    half = head_dim // 2
+    sin = angles.sin()
+    sin[:, :half].neg_()
+    return angles.cos(), sin
 
 
 def apply_rope(x, cos, sin):
-    """Rotate pairs (x_i, x_{i+hs/2}) by the position's angle. x: (B, nh, T, hs); cos, sin: (B, 1, T, hs)."""
-    half = x.size(-1) // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)  # (B, nh, T, hs)
-    return (x * cos + rotated * sin).to(x.dtype)
+    """Rotate pairs (x_i, x_{i+hs/2}) by the position's angle: x * cos + (-x2, x1) * (sin1, sin2), written as
+    x * cos + (x2, x1) * (-sin1, sin2), the half-swap one roll and the sign in the table (bit-identical).
+    x: (B, nh, T, hs); cos, sin: (B, 1, T, hs) with sin's first half negated (rope_tables)."""
+    return x * cos + x.roll(x.size(-1) // 2, dims=-1) * sin  # (B, nh, T, hs)
 
 
 class RMSNorm(nn.Module):
@@ -92,9 +104,13 @@ class KVCache(nn.Module):
         when given (B,). Returns the keys and values those rows can see in their first `length` slots (all
         slots when None), (B, n_kv, S, hs) each."""
         B = k.size(0)
-        rows = (torch.arange(B, device=k.device) if cache_rows is None else cache_rows)[:, None]  # (B, 1)
-        self.k[rows, :, input_pos] = k.transpose(1, 2)  # slots (B, T) <- (B, T, n_kv, hs)
-        self.v[rows, :, input_pos] = v.transpose(1, 2)
+        if B == 1 and cache_rows is None:  # one sequence: a plain copy along the slots (the cheapest write)
+            self.k[:1].index_copy_(2, input_pos[0], k)
+            self.v[:1].index_copy_(2, input_pos[0], v)
+        else:
+            rows = (torch.arange(B, device=k.device) if cache_rows is None else cache_rows)[:, None]  # (B, 1)
+            self.k[rows, :, input_pos] = k.transpose(1, 2)  # slots (B, T) <- (B, T, n_kv, hs)
+            self.v[rows, :, input_pos] = v.transpose(1, 2)
         S = self.k.size(2) if length is None else length
         if cache_rows is None:
             return self.k[:B, :, :S], self.v[:B, :, :S]  # views, no copy
@@ -115,13 +131,13 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, input_pos, mask, cache_rows=None):
         B, T, _ = x.shape
-        q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
-        q, k, v = self.wqkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)  # (B, T, nh*hs), (B, T, nkv*hs) x2
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        q_dim = self.n_head * self.head_dim
+        nh, nkv = self.n_head, self.n_kv_head
+        qkv = self.wqkv(x).view(B, T, nh + 2 * nkv, self.head_dim).transpose(1, 2)  # (B, nh+2nkv, T, hs)
+        qk, v = qkv[:, : nh + nkv], qkv[:, nh + nkv:]  # (B, nh+nkv, T, hs), (B, nkv, T, hs)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            qk = apply_rope(qk, *rope)  # queries and keys rotated in one pass
+        q, k = qk[:, :nh], qk[:, nh:]  # (B, nh, T, hs), (B, nkv, T, hs)
         if self.cache is not None:
             # the mask's width says how many leading slots can be seen: attend to those, not all of them
             k, v = self.cache.update(input_pos, k, v, cache_rows, mask.size(-1) if mask is not None else None)
@@ -199,12 +215,13 @@ class Transformer(nn.Module):
             layer.attn.cache = None
         self.cache_len = 0
 
-    def rope(self, device):
+    def rope(self, device, dtype=torch.float32):
+        """The cos and (signed) sin tables (max_len, hs) on `device` in `dtype`, made once."""
         if self.cfg.arch != "llama":
             return None
-        if self._rope is None or self._rope[0].device != device:
-            self._rope = tuple(t.to(device) for t in rope_tables(self.cfg.head_dim, self.cfg.max_seq_len,
-                                                                 self.cfg.rope_theta))
+        if self._rope is None or self._rope[0].device != device or self._rope[0].dtype != dtype:
+            tables = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
+            self._rope = tuple(t.to(device=device, dtype=dtype) for t in tables)
         return self._rope
 
     def attend_len(self, input_pos) -> int:
@@ -228,13 +245,14 @@ class Transformer(nn.Module):
         return self.tok_embeddings(tokens)  # (B, T, d)
 
     def forward(self, tokens=None, input_pos=None, embeds=None, output_index=None, cache_rows=None,
-                hidden_states: list | None = None):
+                hidden_states: list | None = None, head: bool = True):
         """tokens: (B, T) ids, or embeds: (B, T, d). input_pos: (B, T) positions; None means 0..T-1.
         With a cache set up, keys/values are written at input_pos and every query sees the cached slots at or
         before its own position; `cache_rows` (B,) picks which cache rows the batch rows use (default 0..B-1).
         Returns logits (B, T, V), or (B, 1, V) at one position per row when
         `output_index` (B,) is given. If `hidden_states` is a list, the residual stream after each block is
-        appended to it (for the logit lens)."""
+        appended to it (for the logit lens). head=False returns the final-normed hidden states (B, T, d) instead
+        of logits (training applies lm_head itself, a chunk of rows at a time)."""
         x = self.embed(tokens) if embeds is None else embeds  # (B, T, d)
         B, T, _ = x.shape
         if input_pos is None:
@@ -243,16 +261,19 @@ class Transformer(nn.Module):
             x = x + self.pos_embeddings(input_pos)  # (B, T, d)
         rope = None
         if self.cfg.arch == "llama":
-            cos, sin = self.rope(x.device)
-            rope = (cos[input_pos].unsqueeze(1).to(x.dtype), sin[input_pos].unsqueeze(1).to(x.dtype))  # (B,1,T,hs)
+            cos, sin = self.rope(x.device, x.dtype)
+            rope = (cos[input_pos].unsqueeze(1), sin[input_pos].unsqueeze(1))  # (B, 1, T, hs) each
         mask = None  # None: plain causal attention over these T tokens
         if self.cache_len:
             slots = torch.arange(self.attend_len(input_pos), device=x.device)  # (S,)
             mask = (slots[None, None, :] <= input_pos[:, :, None]).unsqueeze(1)  # (B, 1, T, S)
+            if T == 1 and not any(layer.attn.use_reference for layer in self.layers):
+                mask = decode_bias(mask)  # (B, 1, 1, S) float, made once for every layer
         for layer in self.layers:
             x = layer(x, rope, input_pos, mask, cache_rows)
             if hidden_states is not None:
                 hidden_states.append(x)
         if output_index is not None:
             x = x[torch.arange(B, device=x.device), output_index][:, None]  # (B, 1, d)
-        return self.lm_head(self.norm(x))  # (B, T, V)
+        x = self.norm(x)  # (B, T, d)
+        return self.lm_head(x) if head else x  # (B, T, V) or (B, T, d)

@@ -17,6 +17,7 @@ modules on a model made on the meta device, so a saved state dict (the converted
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -28,10 +29,23 @@ from .errors import MMChatError
 
 SCHEMES = ("int8", "int4", "gguf")
 GROUP = 32  # int4 group size along the input dimension (GGUF's block size)
-# From this many rows per matmul (a long prefill) the weights are dequantized for a bf16 GEMM: the weight-only
+# From this many rows per matmul (a long prefill) float32 weights are dequantized for one GEMM: the weight-only
 # kernels are built for a few rows; dequantizing costs a fixed ~0.2 s per forward here, so it pays only on long
 # prompts (measured crossover ~190 rows: 50 rows 2x faster on the kernels, 512 rows 1.2x faster dequantized).
 PREFILL_ROWS = 192
+# In bf16, from this many rows (a prefill, a batch of 16 or more) a matmul runs on a bf16 copy of the weight made
+# once and packed for oneDNN (`DenseCopy`) instead of the weight-only kernels, whose cost grows with every row.
+# Measured here (1 thread, CPU time): a 512-token prefill 1.25x faster than dequantizing in every forward (the
+# int4 kernel itself is 2.4x slower there). At 8 rows it is no faster in a real decode step: the bf16 weights,
+# four times the int4 bytes, are streamed from memory each step. The copy costs 2 bytes per weight (~210 MB for
+# SmolLM2-135M's blocks; the output head gets one only when 16+ rows need logits). 0 turns it off.
+DENSE_ROWS = int(os.environ["MMCHAT_DENSE_ROWS"]) if os.environ.get("MMCHAT_DENSE_ROWS", "").isdigit() else 16
+
+
+@functools.cache
+def dense_ok() -> bool:
+    """oneDNN's packed bf16 linear is there (torch's CPU builds have it)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 def cpu_int4_ok(n_out: int, n_in: int, group: int = GROUP) -> bool:
@@ -40,7 +54,31 @@ def cpu_int4_ok(n_out: int, n_in: int, group: int = GROUP) -> bool:
 
 
 # -- modules ----------------------------------------------------------------------------------------------------
-class Int8Linear(nn.Module):
+class DenseCopy:
+    """For quantized linears: a bf16 copy of the weight, made on first use and packed once for oneDNN's GEMM
+    (a plain bf16 weight is re-laid out by every call: 1.3-1.9x slower). Not a buffer: never saved."""
+    _packed = None
+
+    def use_dense(self, x2: torch.Tensor) -> bool:
+        return 0 < DENSE_ROWS <= x2.size(0) and x2.dtype == torch.bfloat16 and x2.device.type == "cpu" \
+            and self.dense_weight_ok() and dense_ok()
+
+    def dense_weight_ok(self) -> bool:
+        return True
+
+    def dense_weight(self) -> torch.Tensor:
+        """The weight (N, K) as bf16, dequantized in float32 and rounded once."""
+        return self.dequantize(torch.float32).to(torch.bfloat16)
+
+    def dense_mm(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 (M, K) bf16 -> (M, N)."""
+        if self._packed is None:
+            with torch.no_grad():
+                self._packed = torch.ops.mkldnn._reorder_linear_weight(self.dense_weight().contiguous(), 8)
+        return torch.ops.mkldnn._linear_pointwise(x2, self._packed, None, "none", [], "")
+
+
+class Int8Linear(DenseCopy, nn.Module):
     """y = x W^T (+ b) with W stored as int8 (N, K) and one scale per output row (N,)."""
 
     def __init__(self, n_in: int, n_out: int, bias: bool, dtype, device=None):
@@ -52,15 +90,20 @@ class Int8Linear(nn.Module):
 
     def forward(self, x):
         x2 = x.reshape(-1, self.in_features)  # (M, K)
-        if x2.size(0) >= PREFILL_ROWS:  # many rows (prefill): a float GEMM beats the int8 kernel by far
-            y = F.linear(x2, self.weight.to(x.dtype)) * self.scales  # int8 values are exact in bf16
+        if self.use_dense(x2):
+            y = self.dense_mm(x2) * self.scales  # int8 values are exact in bf16, scaled after
+        elif x2.size(0) >= PREFILL_ROWS:  # many rows (prefill): a float GEMM beats the int8 kernel by far
+            y = F.linear(x2, self.weight.to(x.dtype)) * self.scales
         else:
             y = torch._weight_int8pack_mm(x2, self.weight, self.scales)  # (M, N)
         y = y.reshape(*x.shape[:-1], self.out_features)  # (..., N)
         return y if self.bias is None else y + self.bias
 
+    def dense_weight(self) -> torch.Tensor:
+        return self.weight.to(torch.bfloat16)  # (N, K) exact; the scales are applied after the GEMM
 
-class Int4Linear(nn.Module):
+
+class Int4Linear(DenseCopy, nn.Module):
     """y = x W^T (+ b) with W as int4 packed by the CPU kernel, (N, K/2) uint8, and per group of `group`
     inputs a scale and a zero, (K/group, N, 2): w = (q - 8) * scale + zero."""
 
@@ -73,12 +116,17 @@ class Int4Linear(nn.Module):
 
     def forward(self, x):
         x2 = x.reshape(-1, self.in_features)  # (M, K)
-        if x2.size(0) >= PREFILL_ROWS and self.out_features % 64 == 0 and unpack_int4_ok():  # prefill: dequantize once, then a float GEMM
+        if self.use_dense(x2):
+            y = self.dense_mm(x2)
+        elif x2.size(0) >= PREFILL_ROWS and self.dense_weight_ok():  # prefill: dequantize once, then a GEMM
             y = F.linear(x2, self.dequantize(x.dtype))
         else:
             y = torch._weight_int4pack_mm_for_cpu(x2, self.weight, self.group, self.scales_and_zeros)  # (M, N)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
+
+    def dense_weight_ok(self) -> bool:
+        return self.out_features % 64 == 0 and unpack_int4_ok()
 
     def dequantize(self, dtype) -> torch.Tensor:
         """The float weight (N, K)."""
@@ -105,7 +153,7 @@ class Int8Embedding(nn.Module):
         return (q.unflatten(-1, (-1, self.group)) * scale[..., None]).flatten(-2)  # (B, T, d)
 
 
-class Int8x2Linear(nn.Module):
+class Int8x2Linear(DenseCopy, nn.Module):
     """int8 weights with a scale per group of 32 inputs, run as two int4 matmuls: with u = q + 128 =
     16 h + l (h, l in 0..15), w = s q = 16 s h + s l - 128 s, and the int4 kernel's (h - 8) * 16s + 0 plus
     (l - 8) * s + 8s is exactly that. On a tall matrix (the output head) this is int8 precision at about
@@ -122,13 +170,18 @@ class Int8x2Linear(nn.Module):
 
     def forward(self, x):
         x2 = x.reshape(-1, self.in_features)  # (M, K)
-        if x2.size(0) >= PREFILL_ROWS and self.out_features % 64 == 0 and unpack_int4_ok():
+        if self.use_dense(x2):
+            y = self.dense_mm(x2)
+        elif x2.size(0) >= PREFILL_ROWS and self.dense_weight_ok():
             y = F.linear(x2, self.dequantize(x.dtype))
         else:
             y = torch._weight_int4pack_mm_for_cpu(x2, self.hi, self.group, self.hi_sz) + \
                 torch._weight_int4pack_mm_for_cpu(x2, self.lo, self.group, self.lo_sz)  # (M, N)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
+
+    def dense_weight_ok(self) -> bool:
+        return self.out_features % 64 == 0 and unpack_int4_ok()
 
     def dequantize(self, dtype) -> torch.Tensor:
         N, K, g = self.out_features, self.in_features, self.group
