@@ -289,13 +289,18 @@ def calendar_tools(cal: Calendar) -> list[Tool]:
                    ("What do I have tomorrow?", {"day": "tomorrow"})]),
         make_tool("move_event", "Move an event (by its id) to another day and/or time.",
                   obj({"id": event_id, "day": day, "time": time}, ["id"]),
-                  lambda id, day=None, time=None: cal.move_event(id, day, time)),
+                  lambda id, day=None, time=None: cal.move_event(id, day, time),
+                  [("Move event 4 to 2025-05-02 at 10:00.", {"id": 4, "day": "2025-05-02", "time": "10:00"})]),
         make_tool("delete_event", "Delete an event by its id.", obj({"id": event_id}, ["id"]),
-                  lambda id: {"deleted": cal.delete_event(id)}),
+                  lambda id: {"deleted": cal.delete_event(id)},
+                  [("Remove event 7 from my calendar.", {"id": 7})]),
         make_tool("add_reminder", "Remind the user of something on a day, at a time.",
                   obj({"text": title, "day": day, "time": time}, ["text", "day"]),
-                  lambda text, day, time=None: cal.add_reminder(text, day, time)),
-        make_tool("list_reminders", "The reminders not yet done.", obj({}, []), lambda: cal.reminders()),
+                  lambda text, day, time=None: cal.add_reminder(text, day, time),
+                  [("Remind me to water the plants on 2025-04-11 at 08:00.",
+                    {"text": "Water the plants", "day": "2025-04-11", "time": "08:00"})]),
+        make_tool("list_reminders", "The reminders not yet done.", obj({}, []), lambda: cal.reminders(),
+                  [("What are my reminders?", {})]),
     ]
 
 
