@@ -23,7 +23,7 @@ import time
 
 CHAT = [{"role": "user", "content": "Write a short story about a robot who learns to paint. Make it warm and a "
                                     "little funny."}]
-ENGINES = ("mmchat", "llama.cpp", "transformers")
+ENGINES = ("mmchat", "llama.cpp", "transformers")  # and "mmchat-compiled": mmchat with --compile on
 
 
 # -- workers: one per engine, each its own process; commands on stdin, one JSON line per answer on stdout --------
@@ -49,12 +49,12 @@ def write_token_ids(model: str, path: str):
 
 
 class MMChatWorker:
-    def __init__(self, model: str, threads: int):
+    def __init__(self, model: str, threads: int, compile: str = "auto"):
         import torch
 
         import mmchat
         t = time.perf_counter()
-        self.llm = mmchat.load(model, progress=False)
+        self.llm = mmchat.load(model, progress=False, compile=compile)
         self.load_s = time.perf_counter() - t
         torch.set_num_threads(threads)
         self.chat, self.long = token_ids()
@@ -135,7 +135,8 @@ class TransformersWorker:
                 "batch_tok_s": batch * (new_tokens - 1) / (b_total - b_first)}
 
 
-WORKERS = {"mmchat": MMChatWorker, "llama.cpp": LlamaCppWorker, "transformers": TransformersWorker}
+WORKERS = {"mmchat": MMChatWorker, "llama.cpp": LlamaCppWorker, "transformers": TransformersWorker,
+           "mmchat-compiled": lambda model, threads: MMChatWorker(model, threads, compile="on")}
 
 
 def worker_main(engine: str, model: str, threads: int):
@@ -156,7 +157,8 @@ def worker_main(engine: str, model: str, threads: int):
 def available(engine: str) -> str | None:
     """None when the engine can run here, else why not."""
     import importlib.util
-    need = {"mmchat": "mmchat", "llama.cpp": "llama_cpp", "transformers": "transformers"}[engine]
+    need = {"mmchat": "mmchat", "mmchat-compiled": "mmchat", "llama.cpp": "llama_cpp",
+            "transformers": "transformers"}[engine]
     if importlib.util.find_spec(need) is None:
         return f"{need} is not installed (pip install 'mmchat[bench]')"
     if engine == "transformers" and importlib.util.find_spec("gguf") is None:
@@ -203,7 +205,8 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None, help="threads per engine (default: physical cores)")
-    ap.add_argument("--engines", default=",".join(ENGINES))
+    ap.add_argument("--engines", default=",".join(ENGINES),
+                    help=f"comma-separated, from {', '.join(ENGINES)}, mmchat-compiled (default: the first three)")
     ap.add_argument("--json", help="also write the medians here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -258,16 +261,16 @@ def table(med: dict, args) -> str:
     lines = ["| engine | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for e, m in med.items():
         lines.append(f"| {e} | " + " | ".join("-" if m[k] is None else fmt.format(m[k]) for k, _, fmt in cols) + " |")
-    if "mmchat" in med:
-        ours = med["mmchat"]
-        for peer in [e for e in med if e != "mmchat"]:
+    for name in [e for e in med if e.startswith("mmchat")]:
+        ours = med[name]
+        for peer in [e for e in med if not e.startswith("mmchat")]:
             p = med[peer]
             parts = [f"decode {ours['decode_tok_s'] / p['decode_tok_s']:.2f}x",
                      f"prefill-512 {ours['prefill512_tok_s'] / p['prefill512_tok_s']:.2f}x",
                      f"batch-{args.batch} total vs its single stream "
                      f"{ours['batch_tok_s'] / p['decode_tok_s']:.2f}x",
                      f"peak RSS {ours['peak_rss_mb'] / p['peak_rss_mb']:.2f}x"]
-            lines.append(f"mmchat / {peer}: " + ", ".join(parts))
+            lines.append(f"{name} / {peer}: " + ", ".join(parts))
     return "\n".join(lines)
 
 

@@ -103,6 +103,61 @@ def test_choices_for_the_machine_and_bad_input():
     assert Q.physical_cores() >= 1 and Q.choose_threads() >= 1
 
 
+def test_many_rows_run_on_a_packed_bf16_copy_that_equals_the_quantized_weight(monkeypatch):
+    if not Q.dense_ok() or not Q.unpack_int4_ok():
+        pytest.skip("this torch has no oneDNN packed bf16 linear")
+    monkeypatch.setattr(Q, "DENSE_ROWS", 16)
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(128, 96, generator=g)
+    lin4 = Q.Int4Linear(96, 128, False, torch.bfloat16)
+    lin4.weight, lin4.scales_and_zeros = Q.pack_int4(*Q.int4_groups(w), torch.bfloat16)
+    lin8 = Q.Int8Linear(96, 128, False, torch.bfloat16)
+    q, sc = Q.int8_rows(w)
+    lin8.weight, lin8.scales = q, sc.to(torch.bfloat16)
+    head = Q.Int8x2Linear(96, 128, False, torch.bfloat16)
+    head.hi, head.lo, head.hi_sz, head.lo_sz = Q.pack_int8x2(*Q.int8_groups(w), torch.bfloat16)
+    for lin in (lin4, lin8, head):
+        few, many = torch.randn(2, 96, generator=g).bfloat16(), torch.randn(40, 96, generator=g).bfloat16()
+        kernel = lin(few)  # the weight-only kernel
+        assert lin._packed is None
+        dense = lin(torch.cat([few, many]))[:2]  # 42 rows: the packed copy
+        assert lin._packed is not None
+        # both are the same weight in bf16 arithmetic: equal up to bf16 rounding of the sums
+        assert torch.allclose(dense.float(), kernel.float(), atol=0.05, rtol=0.02), (dense - kernel).abs().max()
+
+
+def test_compile_choice():
+    assert Q.choose_compile("auto", "cpu") is False and Q.choose_compile("off", "cpu") is False
+    assert Q.choose_compile(False, "cpu") is False
+    with pytest.raises(MMChatError, match="unknown compile setting"):
+        Q.choose_compile("fast", "cpu")
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_gives_the_eager_tokens(tmp_path, monkeypatch):
+    """A tiny random Llama: greedy tokens after compiling the decode step (one row and three rows) are the eager
+    ones, and inductor wrote its output under the given cache dir."""
+    from mmchat.config import get_config
+    from mmchat.generate import SamplingParams, generate_ids
+    from mmchat.model import Transformer
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    torch.manual_seed(0)
+    model = Transformer(get_config("tiny")).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    prompts = [[5, 17, 99, 3], [7, 7, 1], [200, 4, 4, 4, 4, 9]]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    eager = [generate_ids(model, [p], params)[0] for p in prompts], generate_ids(model, prompts, params)
+    Q.compile_decode(model, tmp_path / "inductor", progress=False)
+    assert model._compiled_block is not None
+    compiled = [generate_ids(model, [p], params)[0] for p in prompts], generate_ids(model, prompts, params)
+    assert compiled == eager
+    assert any((tmp_path / "inductor").rglob("*.py"))
+    model.compile_decode(False)
+    assert [generate_ids(model, [p], params)[0] for p in prompts] == eager[0]
+
+
 # -- the real model ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def checkpoint(smollm2_path):

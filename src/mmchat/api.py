@@ -145,13 +145,14 @@ class LLM:
     @classmethod
     def load(cls, model: str = registry.DEFAULT_MODEL, dtype: torch.dtype | str | None = None,
              device: str | None = None, progress: bool = True, quant: str | None = "auto",
-             cache: bool = True) -> "LLM":
+             cache: bool = True, compile: str | bool = "auto") -> "LLM":
         """A model name (`smollm2`, pulled if missing), a GGUF file or a HuggingFace folder.
         dtype (None/'auto', 'float32', 'bfloat16'...), quant ('auto', None/'none', 'int8', 'int4', 'gguf') and
         device (None: a CUDA GPU when there is one, else the CPU) default to the fastest choice for the machine
         (see mmchat.quantize.choose); models under 50M parameters run in float32 as they are. The converted
         weights are cached under mmchat's cache dir, so later loads memory-map them (cache=False: neither
-        read nor write the cache)."""
+        read nor write the cache). compile ('auto', 'on', 'off'): the decode step under torch.compile
+        (mmchat.quantize.choose_compile; 'auto' leaves it off: the first compile takes a minute)."""
         from . import quantize
         from .formats import cache as weights_cache
         start = time.perf_counter()
@@ -188,6 +189,8 @@ class LLM:
         eos = tok.id_to_token(tok.eos_token_ids[0]) if tok.eos_token_ids else ""
         llm = cls(net, tok, ChatTemplate(template, bos or "", eos or ""),
                   name=model if not Path(model).exists() else Path(model).stem)
+        if quantize.choose_compile(compile, dev_type):
+            quantize.compile_decode(net, registry.home() / "inductor", progress)
         llm.load_seconds = time.perf_counter() - start
         return llm
 

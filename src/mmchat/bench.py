@@ -61,7 +61,7 @@ def perplexity(model, ids: list[int], chunk: int = 512) -> float:
 
 
 def run(model_name: str, dtype=None, quant="auto", new_tokens: int = 128, prefill_tokens: int = 512,
-        batch: int = 8, repeats: int = 3, progress: bool = True) -> dict:
+        batch: int = 8, repeats: int = 3, progress: bool = True, compile="auto") -> dict:
     """Load (twice when the first load converted the weights), then `repeats` rounds of: the chat prompt at
     batch 1, a prefill_tokens prompt, and `batch` copies of the chat prompt decoding together."""
     from .api import LLM
@@ -71,10 +71,11 @@ def run(model_name: str, dtype=None, quant="auto", new_tokens: int = 128, prefil
             print(msg, file=sys.stderr, flush=True)
 
     say(f"loading {model_name} ...")
-    llm = LLM.load(model_name, dtype=dtype, quant=quant, progress=progress)
+    llm = LLM.load(model_name, dtype=dtype, quant=quant, progress=progress, compile=compile)
     first_load = llm.load_seconds
     del llm
-    llm = LLM.load(model_name, dtype=dtype, quant=quant, progress=progress)  # from the converted-weights cache
+    # from the converted-weights cache (and inductor's, when compiling)
+    llm = LLM.load(model_name, dtype=dtype, quant=quant, progress=progress, compile=compile)
     say(f"loaded in {first_load:.2f} s, again (cached) in {llm.load_seconds:.2f} s")
     model, tok = llm.model, llm.tokenizer
     chat = llm.render_chat([{"role": "user", "content": CHAT_PROMPT}])
@@ -95,6 +96,7 @@ def run(model_name: str, dtype=None, quant="auto", new_tokens: int = 128, prefil
     return {
         "model": model_name, "dtype": str(model.norm.weight.dtype).removeprefix("torch."),
         "quant": _quant_of(model), "threads": torch.get_num_threads(),
+        "compiled": model._compiled_block is not None,
         "decode_tok_s": med["decode_tok_s"], "prefill_tok_s": med["prefill_long_tok_s"],
         "prefill_tokens": len(long), "chat_prompt_tokens": len(chat), "chat_prefill_ms": med["prefill_s"] * 1000,
         "batch": batch, "batch_decode_tok_s": med["batch_tok_s"], "new_tokens": new_tokens, "repeats": repeats,
@@ -113,7 +115,8 @@ def _quant_of(model) -> str:
 def report(result: dict) -> str:
     r = result
     return "\n".join([
-        f"model        {r['model']}  ({r['dtype']}, weights {r['quant']}, {r['threads']} threads, torch {r['torch']})",
+        f"model        {r['model']}  ({r['dtype']}, weights {r['quant']}, {r['threads']} threads, torch {r['torch']}"
+        f"{', decode step compiled' if r.get('compiled') else ''})",
         f"load         {r['load_s']:.2f} s (first load, converting: {r['first_load_s']:.2f} s)",
         f"prefill      {r['prefill_tok_s']:.0f} tok/s on a {r['prefill_tokens']}-token prompt; "
         f"{r['chat_prefill_ms']:.0f} ms for a {r['chat_prompt_tokens']}-token chat prompt",

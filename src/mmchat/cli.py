@@ -39,11 +39,14 @@ def _add_speed(p: argparse.ArgumentParser):
     g.add_argument("--dtype", default="auto", help="compute dtype: auto, float32, bfloat16, float16")
     g.add_argument("--quant", default="auto",
                    help="weights: auto, none, int8, int4, gguf (a GGUF file's Q4 blocks kept as they are)")
+    g.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
+                   help="the decode step under torch.compile: faster decoding after a one-time compile of a "
+                        "minute or two, cached (auto: off)")
 
 
 def load_options(args) -> dict:
     """LLM.load keyword arguments from --dtype/--quant, where the command has them."""
-    return {k: getattr(args, k) for k in ("dtype", "quant") if getattr(args, k, None) is not None}
+    return {k: getattr(args, k) for k in ("dtype", "quant", "compile") if getattr(args, k, None) is not None}
 
 
 def _load(args):

@@ -185,6 +185,10 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+def _run_block(layer, x, rope, input_pos, mask, cache_rows):
+    return layer(x, rope, input_pos, mask, cache_rows)
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -198,6 +202,7 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.tok_embeddings.weight
         self.cache_len = 0
         self._rope = None
+        self._compiled_block = None  # see compile_decode
 
     # -- KV cache -------------------------------------------------------------------------------------------
     def setup_cache(self, batch_size: int, max_len: int, dtype=None):
@@ -232,6 +237,14 @@ class Transformer(nn.Module):
         if input_pos.device.type != "cpu":
             return self.cache_len
         return min(self.cache_len, (int(input_pos.max()) // 64 + 1) * 64)
+
+    def compile_decode(self, on: bool = True):
+        """Run the blocks of each decode step (one new token per row, KV cache set up) through one
+        torch.compile'd function that all layers share: the layers differ only in their weights, which are its
+        inputs, so one compile serves every layer and inductor fuses a block's ~20 small ops. Prefill, the
+        reference attention and hidden-state capture stay eager. The compile happens on the first decode step of
+        each batch shape (1 row, several rows); inductor caches its output (TORCHINDUCTOR_CACHE_DIR)."""
+        self._compiled_block = torch.compile(_run_block, fullgraph=True) if on else None
 
     def set_reference_attention(self, on: bool = True):
         """Switch every layer to the written-out attention, which keeps each layer's weights in
@@ -269,8 +282,16 @@ class Transformer(nn.Module):
             mask = (slots[None, None, :] <= input_pos[:, :, None]).unsqueeze(1)  # (B, 1, T, S)
             if T == 1 and not any(layer.attn.use_reference for layer in self.layers):
                 mask = decode_bias(mask)  # (B, 1, 1, S) float, made once for every layer
+        run = None
+        if self._compiled_block is not None and mask is not None and mask.dtype != torch.bool \
+                and hidden_states is None:  # a decode step (the float mask is made only for those)
+            run = self._compiled_block
+            torch._dynamo.maybe_mark_dynamic(mask, 3)  # the attended length grows: one graph for all lengths
+            if B > 1:
+                torch._dynamo.maybe_mark_dynamic(x, 0)  # and one graph for any number of rows above one
         for layer in self.layers:
-            x = layer(x, rope, input_pos, mask, cache_rows)
+            x = layer(x, rope, input_pos, mask, cache_rows) if run is None else \
+                run(layer, x, rope, input_pos, mask, cache_rows)
             if hidden_states is not None:
                 hidden_states.append(x)
         if output_index is not None:

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
+import sys
 
 import numpy as np
 import torch
@@ -523,3 +525,51 @@ def choose(device: str, dtype: torch.dtype | None, quant: str | None, n_params: 
         raise MMChatError("weight-only int8/int4 kernels run on the CPU only; on a GPU use --quant none "
                           "(bf16 weights)")
     return dtype, quant
+
+
+# -- compiling the decode step ------------------------------------------------------------------------------------
+def parse_compile(value) -> str:
+    """True/'on', False/None/'off' or 'auto'."""
+    if value is True or value == "on":
+        return "on"
+    if value in (False, None, "off"):
+        return "off"
+    if value != "auto":
+        raise MMChatError(f"unknown compile setting '{value}'; choose auto, on or off")
+    return "auto"
+
+
+def choose_compile(value, device_type: str) -> bool:
+    """Whether to run the decode step under torch.compile (Transformer.compile_decode). 'auto' leaves it off:
+    measured here (SmolLM2-135M with its Q4_1 blocks, 1 thread, CPU time) it decodes 1.3-1.5x faster, but the
+    first compile takes 1-2 minutes on 2 shared cores and even one from inductor's cache ~15 s, longer than a
+    whole load, so it is asked for by name (`--compile on`) where a process lives long (serve, bench)."""
+    if parse_compile(value) != "on":
+        return False
+    if device_type == "cpu" and not (os.environ.get("CXX") or any(shutil.which(c) for c in ("g++", "c++", "clang++"))):
+        raise MMChatError("--compile on needs a C++ compiler on the CPU (install g++), or use --compile off")
+    return True
+
+
+def compile_decode(model, cache_dir, progress: bool = True):
+    """Compile the decode step now (not in the middle of the first answer): one step at two attended lengths
+    for one row, and one step for several rows. Inductor's output goes to `cache_dir` unless
+    TORCHINDUCTOR_CACHE_DIR says otherwise, so the next process reuses it."""
+    import time
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir))
+    if progress:
+        print(f"compiling the decode step (a minute or two the first time, seconds once cached in "
+              f"{os.environ['TORCHINDUCTOR_CACHE_DIR']}) ...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    model.compile_decode()
+    device = model.norm.weight.device
+    length = min(model.cfg.max_seq_len, 256)
+    with torch.inference_mode():
+        for rows, positions in ((1, (0, min(100, length - 1))), (2, (0,))):
+            model.setup_cache(rows, length)
+            for pos in positions:
+                model(torch.zeros(rows, 1, dtype=torch.long, device=device),
+                      torch.full((rows, 1), pos, dtype=torch.long, device=device))
+            model.clear_cache()
+    if progress:
+        print(f"compiled in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
