@@ -72,6 +72,15 @@ async def load(base: str, model: str, clients: int, tokens: int, bias: dict):
             "chunks": chunks, "ttft_s": sum(firsts) / len(firsts), "together": together}
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process (Linux /proc), or None elsewhere."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        return None
+
+
 def run_server(name: str, cmd: list[str], base: str, model: str, args, bias: dict) -> list[dict]:
     print(f"starting {name}: {' '.join(cmd)}", file=sys.stderr)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -80,7 +89,11 @@ def run_server(name: str, cmd: list[str], base: str, model: str, args, bias: dic
         asyncio.run(load(base, model, 1, 8, bias))  # warm-up
         rows = []
         for clients in (1, args.clients):
+            before = cpu_seconds(proc.pid)
             row = asyncio.run(load(base, model, clients, args.tokens, bias))
+            after = cpu_seconds(proc.pid)
+            # the server's own CPU per token: less sensitive than tokens/s to other jobs on a shared machine
+            row["cpu_ms_per_token"] = None if before is None else (after - before) / row["tokens"] * 1e3
             row["server"] = name + (f" ({args.serve_args})" if name == "mmchat" and args.serve_args else "")
             print(row, file=sys.stderr)
             rows.append(row)
@@ -130,14 +143,16 @@ def main():
 
     load_avg = os.getloadavg()
     lines = [f"\n## Serving: {args.clients} concurrent streaming clients ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
-             "", f"`python benchmarks/serve_load.py --tokens {args.tokens} --clients {args.clients}`; "
+             "", f"`python benchmarks/serve_load.py {' '.join(sys.argv[1:])}`; "
              f"{Path(gguf).name}; {os.cpu_count()} CPUs; load average during the run "
              f"{load_avg[0]:.1f} (other processes share these cores, so absolute numbers vary between runs).", "",
-             "| server | clients | tokens | wall s | aggregate tok/s | mean time to first token s | served together |",
-             "|---|---|---|---|---|---|---|"]
+             "| server | clients | tokens | wall s | aggregate tok/s | mean time to first token s | served together "
+             "| server CPU ms/token |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['server']} | {r['clients']} | {r['tokens']} | {r['wall_s']:.1f} | {r['tok_s']:.1f} | "
-                     f"{r['ttft_s']:.2f} | {'yes' if r['together'] else 'no'} |")
+                     f"{r['ttft_s']:.2f} | {'yes' if r['together'] else 'no'} | "
+                     f"{'-' if r['cpu_ms_per_token'] is None else format(r['cpu_ms_per_token'], '.1f')} |")
     by = {(r["server"].split(" (")[0], r["clients"]): r["tok_s"] for r in rows}
     if ("mmchat", 1) in by and ("mmchat", args.clients) in by:
         lines.append(f"\nmmchat: {args.clients} clients / 1 client = "
