@@ -63,6 +63,18 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
 
 
 @pytest.mark.slow
+def test_compiled_blocks_train_the_same_and_resume(tmp_path):
+    """compile=True (torch.compile of each block) gives the eager loss curve within float noise, through an
+    interruption and --resume; the eval and sample at the end run eagerly."""
+    eager = pretrain("tiny", [CORPUS], tmp_path / "eager", small_cfg(max_steps=4))
+    pretrain("tiny", [CORPUS], tmp_path / "compiled", small_cfg(max_steps=4, stop_at=2, compile="on"))
+    resumed = pretrain("tiny", [CORPUS], tmp_path / "compiled", small_cfg(max_steps=4, compile="on"), resume=True)
+    assert losses(resumed) == pytest.approx(losses(eager), rel=1e-4)
+    assert resumed["evals"][-1]["loss"] == pytest.approx(eager["evals"][-1]["loss"], rel=1e-4)
+    assert losses(eager)[-1] < losses(eager)[0]
+
+
+@pytest.mark.slow
 def test_kill_9_mid_save_leaves_the_previous_checkpoint(tmp_path):
     """A process saving a 40 MB checkpoint over and over is killed at random moments; what is on disk always loads
     and is one of the complete versions."""
@@ -150,7 +162,9 @@ def assert_same_training(one_dir, two_dir):
     assert l2[-1] < l2[0]
     w1 = load_checkpoint_file(one_dir / "checkpoint.pt")["model"]
     w2 = load_checkpoint_file(two_dir / "checkpoint.pt")["model"]
-    assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
+    # AdamW divides by sqrt(v): on weights whose gradient is near zero, float-order differences in the reductions
+    # grow to ~1e-5 after 5 steps at lr 3e-3 (each step moves a weight by up to 3e-3)
+    assert all(torch.allclose(w1[k], w2[k], atol=5e-5) for k in w1)
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +195,16 @@ def test_torchrun_two_machines_match_one(tmp_path, one_process_run):
         _, err = node.communicate(timeout=300)
         assert node.returncode == 0, err[-3000:]
     assert_same_training(one_process_run, tmp_path / "two")
+
+
+def test_auto_compile_only_for_big_models_and_long_runs():
+    from mmchat.train.loop import use_compile
+    cpu = torch.device("cpu")
+    assert use_compile("auto", cpu, 1_000_000, 10_000) is False  # a small model: little to fuse
+    assert use_compile("auto", cpu, 135_000_000, 20) is False  # a short run: the compile would not pay back
+    assert use_compile("off", cpu, 135_000_000, 10_000) is False and use_compile("on", cpu, 1_000, 1) is True
+    with pytest.raises(MMChatError, match="auto, on or off"):
+        use_compile("yes", cpu, 1, 1)
 
 
 def test_auto_precision_uses_bf16_only_where_it_is_faster():
