@@ -112,6 +112,7 @@ class Adapter:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         save_file(tensors, str(tmp), metadata={"mmchat": json.dumps(self.meta)})
+        tmp.chmod(0o644)  # readable by everyone, as package data is
         tmp.replace(path)
 
     @classmethod
