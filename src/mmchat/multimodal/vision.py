@@ -147,6 +147,7 @@ _lock = threading.Lock()
 
 
 @lru_cache(maxsize=1)
+@torch.inference_mode(False)  # ordinary tensors even when first asked for inside inference mode (encode())
 def _cached_encoder() -> EfficientNetLite0:
     state = torch.load(weights_path(), map_location="cpu", weights_only=True)
     model = EfficientNetLite0()
