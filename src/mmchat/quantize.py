@@ -563,13 +563,16 @@ def compile_decode(model, cache_dir, progress: bool = True):
     start = time.perf_counter()
     model.compile_decode()
     device = model.norm.weight.device
-    length = min(model.cfg.max_seq_len, 256)
+    # two cache sizes and two attended lengths per row count, so the graphs come out dynamic in all three:
+    # generate() sizes its cache to each request, and a new static size would compile again mid-answer
+    long_len, short_len = min(model.cfg.max_seq_len, 256), min(model.cfg.max_seq_len, 192)
     with torch.inference_mode():
-        for rows, positions in ((1, (0, min(100, length - 1))), (2, (0,))):
-            model.setup_cache(rows, length)
-            for pos in positions:
-                model(torch.zeros(rows, 1, dtype=torch.long, device=device),
-                      torch.full((rows, 1), pos, dtype=torch.long, device=device))
-            model.clear_cache()
+        for rows in (1, 2):
+            for length in (long_len, short_len):
+                model.setup_cache(rows, length)
+                for pos in (0, min(100, length - 1)):
+                    model(torch.zeros(rows, 1, dtype=torch.long, device=device),
+                          torch.full((rows, 1), pos, dtype=torch.long, device=device))
+                model.clear_cache()
     if progress:
         print(f"compiled in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
