@@ -9,6 +9,7 @@ Two layers, both on when the machine allows:
 Where unprivileged namespaces are not allowed, the audit hook alone does the blocking (and says so)."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -148,14 +149,15 @@ def test_chat_and_serve_run_with_the_network_blocked(isolated, smollm2_path, tmp
     chat = isolated([sys.executable, "-m", "mmchat", "chat", "--plain", "--max-tokens", "8", "--temperature", "0"],
                     input="What is the capital of France?\n/quit\n", timeout=300, extra_env=scratch)
     assert chat.returncode == 0, chat.stderr
-    assert "8 tokens" in chat.stdout  # an answer of 8 tokens was generated and shown
+    shown = re.search(r"(\d+) tokens · [\d.]+ tokens/s", chat.stdout)  # the answer's figures line
+    assert shown and 1 <= int(shown.group(1)) <= 8, chat.stdout
     driver = tmp_path / "driver.py"
     driver.write_text(SERVE_DRIVER)
     serve = isolated([sys.executable, str(driver)], timeout=400, extra_env=scratch)
     assert serve.returncode == 0, serve.stdout + serve.stderr
     assert "ANSWER:" in serve.stdout and "SERVER EXIT: 0" in serve.stdout
     answer = serve.stdout.split("ANSWER:")[1].split("\n")[0]
-    assert answer.strip() and answer.split()[-1] == "8"
+    assert "Paris" in answer and 1 <= int(answer.split()[-1]) <= 8  # the text, then its completion_tokens
     assert attempts(isolated.log) == []
 
 
