@@ -7,13 +7,14 @@ Each variant runs --warmup untimed steps, then --steps timed ones; the table sho
 (forward, loss, backward, gradient clipping, AdamW step). Both precisions run by default: the same-precision
 ratios compare the training steps, and the last lines compare what each gives by default (mmchat's `auto`,
 which is bf16 autocast on a CPU with bf16 units for a model this size, against HF Trainer's CPU default, fp32).
-mmchat's blocks run under torch.compile by default (--compile auto, as in a training run of 200+ steps on this
-model); its first step, which compiles, is timed apart and shown, and counts as one of the --warmup steps.
+With --compile mmchat's blocks run under torch.compile (its --compile); the first step, which compiles, is timed
+apart and shown, and counts as one of the --warmup steps.
 Other processes on the machine change the figures, so compare the rows of one run, not runs of different days.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -104,12 +105,13 @@ def main():
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--precision", default="fp32,bf16", help="fp32, bf16 or both (comma-separated)")
-    ap.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
-                    help="mmchat's --compile (auto: on for this model, as in a training run of 200+ steps)")
+    ap.add_argument("--compile", action="store_true", help="mmchat's --compile: each block under torch.compile")
     ap.add_argument("--only", default="mmchat-full,hf-full,mmchat-lora,hf-peft-lora")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    # every variant runs on the same threads: mmchat.load would otherwise pick them anew from the load average
+    os.environ["MMCHAT_THREADS"] = str(torch.get_num_threads())
     import mmchat
     from mmchat.train.export import write_hf
     base = mmchat.load(args.model, dtype=torch.float32, quant=None, progress=False)
@@ -129,7 +131,7 @@ def main():
                 print(f"{name:<14} {precision:<5} {results[name, precision]:8.1f} tok/s   last loss {loss:.4f}",
                       flush=True)
     print(f"\nbatch {args.batch} x {args.seq}, {torch.get_num_threads()} threads, median of {args.steps} steps, "
-          f"mmchat --compile {args.compile}")
+          f"mmchat {'compiled' if args.compile else 'eager'}")
     from mmchat.train.loop import use_bf16
     auto = "bf16" if use_bf16("auto", torch.device("cpu"), 135_000_000) else "fp32"
     for kind, ours, theirs in (("full", "mmchat-full", "hf-full"), ("lora", "mmchat-lora", "hf-peft-lora")):

@@ -67,8 +67,8 @@ def test_compiled_blocks_train_the_same_and_resume(tmp_path):
     """compile=True (torch.compile of each block) gives the eager loss curve within float noise, through an
     interruption and --resume; the eval and sample at the end run eagerly."""
     eager = pretrain("tiny", [CORPUS], tmp_path / "eager", small_cfg(max_steps=4))
-    pretrain("tiny", [CORPUS], tmp_path / "compiled", small_cfg(max_steps=4, stop_at=2, compile="on"))
-    resumed = pretrain("tiny", [CORPUS], tmp_path / "compiled", small_cfg(max_steps=4, compile="on"), resume=True)
+    pretrain("tiny", [CORPUS], tmp_path / "compiled", small_cfg(max_steps=4, stop_at=2, compile=True))
+    resumed = pretrain("tiny", [CORPUS], tmp_path / "compiled", small_cfg(max_steps=4, compile=True), resume=True)
     assert losses(resumed) == pytest.approx(losses(eager), rel=1e-4)
     assert resumed["evals"][-1]["loss"] == pytest.approx(eager["evals"][-1]["loss"], rel=1e-4)
     assert losses(eager)[-1] < losses(eager)[0]
@@ -195,16 +195,6 @@ def test_torchrun_two_machines_match_one(tmp_path, one_process_run):
         _, err = node.communicate(timeout=300)
         assert node.returncode == 0, err[-3000:]
     assert_same_training(one_process_run, tmp_path / "two")
-
-
-def test_auto_compile_only_for_big_models_and_long_runs():
-    from mmchat.train.loop import use_compile
-    cpu = torch.device("cpu")
-    assert use_compile("auto", cpu, 1_000_000, 10_000) is False  # a small model: little to fuse
-    assert use_compile("auto", cpu, 135_000_000, 20) is False  # a short run: the compile would not pay back
-    assert use_compile("off", cpu, 135_000_000, 10_000) is False and use_compile("on", cpu, 1_000, 1) is True
-    with pytest.raises(MMChatError, match="auto, on or off"):
-        use_compile("yes", cpu, 1, 1)
 
 
 def test_auto_precision_uses_bf16_only_where_it_is_faster():

@@ -39,10 +39,9 @@ def _common(p: argparse.ArgumentParser):
     g.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="bf16 autocast or fp32 (auto: bf16 where the hardware runs it faster: a GPU that has it, a CPU with bf16 units for models of 50M+ parameters; else fp32)")
     g.add_argument("--device", default="auto", help="cpu, cuda, or auto")
-    g.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                   help="torch.compile each transformer block for the training steps: about 2x faster steps after "
-                        "a first step that compiles for a minute (cached for later runs); auto: on for CPU runs of "
-                        "50M+ parameter models and 200+ steps")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile each transformer block for the training steps (the first step compiles; "
+                        "cached for later runs). Off by default: no faster on SmolLM2-135M on a CPU")
     g.add_argument("--resume", action="store_true", help="continue the checkpoint in --out exactly where it stopped")
     g.add_argument("--stop-at", type=int, default=0, help="stop and save after step N, to continue later with "
                                                           "--resume (the schedule still runs to --max-steps)")

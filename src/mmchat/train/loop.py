@@ -23,7 +23,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..errors import MMChatError
-from ..model import Transformer
 from ..quantize import FAST_PATH_MIN_PARAMS, cpu_has_bf16
 
 CHECKPOINT = "checkpoint.pt"
@@ -50,7 +49,7 @@ class TrainConfig:
     device: str = "auto"
     progress: bool = True
     stop_at: int = 0             # stop and save after this step, as an interruption would (0: run to max_steps)
-    compile: str = "auto"        # on, off, or auto: torch.compile each block where it pays back (use_compile)
+    compile: bool = False        # torch.compile each transformer block for the training steps (compile_blocks)
     extra: dict = field(default_factory=dict)
 
     def lr_at(self, step: int) -> float:
@@ -169,27 +168,14 @@ def use_bf16(precision: str, device: torch.device, n_params: int = 0) -> bool:
     return precision == "bf16"
 
 
-def use_compile(setting, device: torch.device, n_params: int, steps: int) -> bool:
-    """on/off as asked (True/False accepted too). auto: on for CPU runs of a model of FAST_PATH_MIN_PARAMS or more
-    and 200+ steps, with a C++ compiler present. Measured on SmolLM2-135M (2 busy cores): the compile of the first
-    step costs about a minute (less with inductor's cache), and each later step runs about twice as fast; on small
-    models the step is mostly overhead that compiling does not remove, and short runs never pay the compile back."""
-    setting = {True: "on", False: "off"}.get(setting, setting)
-    if setting not in ("auto", "on", "off"):
-        raise MMChatError(f"--compile must be auto, on or off (got {setting})")
-    if setting != "auto":
-        return setting == "on"
-    import shutil
-    has_cxx = bool(os.environ.get("CXX") or any(shutil.which(c) for c in ("g++", "c++", "clang++")))
-    return device.type == "cpu" and n_params >= FAST_PATH_MIN_PARAMS and steps >= 200 and has_cxx
-
-
 def compile_blocks(model: torch.nn.Module) -> bool:
     """Regional compilation: torch.compile each transformer block (all blocks share one code path, so it compiles
     once and the other layers reuse it), fusing the elementwise work around the matmuls (norms, RoPE, SwiGLU,
     residual adds) in forward and backward. Inductor's compiled graphs are cached under mmchat's cache folder
     ($TORCHINDUCTOR_CACHE_DIR if set), so later runs of the same shapes skip most of the compile time.
-    Returns False for a model without `layers`."""
+    Returns False for a model without `layers`. Off by default: measured on SmolLM2-135M, batch 4 x 256, 2 threads
+    (benchmarks/RESULTS.md), the compiled step was no faster than the eager one (fp32 0.98x, bf16 0.93x) while its
+    first step compiles for 15-90 s; the matmuls, not the fused elementwise ops, bound the step there."""
     layers = getattr(model, "layers", None)
     if not layers:
         return False
@@ -218,10 +204,7 @@ class Trainer:
         self.device = resolve_device(cfg.device, self.d)
         self.bf16 = use_bf16(cfg.precision, self.device, sum(p.numel() for p in model.parameters()))
         self.model = model.to(self.device)
-        n_all = sum(p.numel() for p in model.parameters())
-        # auto compiles only the plain Transformer; wrappers (e.g. a vision front end) ask for it by name
-        setting = cfg.compile if cfg.compile != "auto" or isinstance(model, Transformer) else "off"
-        self.compiled = use_compile(setting, self.device, n_all, cfg.max_steps) and compile_blocks(model)
+        self.compiled = cfg.compile and compile_blocks(model)
         self.state_fn = state_fn or (lambda m: m.state_dict())
         self.load_state_fn = load_state_fn or (lambda m, sd: m.load_state_dict(sd))
         self.params = [p for p in model.parameters() if p.requires_grad]
