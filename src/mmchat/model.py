@@ -261,14 +261,13 @@ class Transformer(nn.Module):
         return self.tok_embeddings(tokens)  # (B, T, d)
 
     def forward(self, tokens=None, input_pos=None, embeds=None, output_index=None, cache_rows=None,
-                hidden_states: list | None = None, head: bool = True):
+                hidden_states: list | None = None):
         """tokens: (B, T) ids, or embeds: (B, T, d). input_pos: (B, T) positions; None means 0..T-1.
         With a cache set up, keys/values are written at input_pos and every query sees the cached slots at or
         before its own position; `cache_rows` (B,) picks which cache rows the batch rows use (default 0..B-1).
         Returns logits (B, T, V), or (B, 1, V) at one position per row when
         `output_index` (B,) is given. If `hidden_states` is a list, the residual stream after each block is
-        appended to it (for the logit lens). head=False returns the final-normed hidden states (B, T, d) instead
-        of logits (training applies lm_head itself, a chunk of rows at a time)."""
+        appended to it (for the logit lens)."""
         x = self.embed(tokens) if embeds is None else embeds  # (B, T, d)
         B, T, _ = x.shape
         if input_pos is None:
@@ -299,5 +298,4 @@ class Transformer(nn.Module):
                 hidden_states.append(x)
         if output_index is not None:
             x = x[torch.arange(B, device=x.device), output_index][:, None]  # (B, 1, d)
-        x = self.norm(x)  # (B, T, d)
-        return self.lm_head(x) if head else x  # (B, T, V) or (B, T, d)
+        return self.lm_head(self.norm(x))  # (B, T, V)
