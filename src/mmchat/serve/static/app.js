@@ -237,31 +237,14 @@ async function generate() {
       try { message = (await r.json()).error.message; } catch (e) { /* not JSON */ }
       throw new Error(message);
     }
-    const reader = r.body.getReader();
-    const decoder = new TextDecoder();
-    let buffer = "";
-    for (;;) {
-      const {done, value} = await reader.read();
-      if (done) break;
-      buffer += decoder.decode(value, {stream: true});
-      let cut;
-      while ((cut = buffer.indexOf("\n\n")) >= 0) {
-        const event = buffer.slice(0, cut);
-        buffer = buffer.slice(cut + 2);
-        if (!event.startsWith("data: ")) continue;
-        const data = event.slice(6);
-        if (data === "[DONE]") continue;
-        const chunk = JSON.parse(data);
-        if (chunk.usage) usage = chunk.usage;
-        for (const c of chunk.choices || []) {
-          if (c.delta && c.delta.content) answer.content += c.delta.content;
-          if (c.logprobs && c.logprobs.content) answer.meta.tokens.push(...c.logprobs.content);
-          if (c.finish_reason) answer.meta.finish_reason = c.finish_reason;
-          Assist.delta(c, answer);
-        }
-        updateLast();
+    await readStream(r, chunk => {
+      if (chunk.usage) usage = chunk.usage;
+      for (const c of chunk.choices || []) {
+        addDelta(answer, c);
+        Assist.delta(c, answer);
       }
-    }
+      updateLast();
+    });
     await Assist.finish(answer, request, state.controller.signal, updateLast);  // run calls, answer from results
     const secs = (performance.now() - started) / 1000;
     setStatus(usage ? `${usage.completion_tokens} tokens in ${secs.toFixed(1)} s` : "");
@@ -272,6 +255,31 @@ async function generate() {
   state.controller = null;
   render();
   await save();
+}
+
+// The chunks of a streamed answer (server-sent events, "data: {...}" until "data: [DONE]"), one call each.
+async function readStream(response, onChunk) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const {done, value} = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, {stream: true});
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {
+      const event = buffer.slice(0, cut);
+      buffer = buffer.slice(cut + 2);
+      if (event.startsWith("data: ") && event !== "data: [DONE]") onChunk(JSON.parse(event.slice(6)));
+    }
+  }
+}
+
+// One choice's delta added to the answer: its text, token probabilities and finish reason.
+function addDelta(answer, c) {
+  if (c.delta && c.delta.content) answer.content += c.delta.content;
+  if (c.logprobs && c.logprobs.content) answer.meta.tokens.push(...c.logprobs.content);
+  if (c.finish_reason) answer.meta.finish_reason = c.finish_reason;
 }
 
 async function send(text) {

@@ -53,26 +53,10 @@ const Assist = {
     answer.meta.tokens = [];
     const r = await fetch("/v1/chat/completions", {method: "POST", headers: headers(), signal, body: JSON.stringify(follow)});
     if (!r.ok) throw new Error((await r.json()).error.message);
-    const reader = r.body.getReader();
-    const decoder = new TextDecoder();
-    let buffer = "";
-    for (;;) {
-      const {done, value} = await reader.read();
-      if (done) break;
-      buffer += decoder.decode(value, {stream: true});
-      let cut;
-      while ((cut = buffer.indexOf("\n\n")) >= 0) {
-        const event = buffer.slice(0, cut);
-        buffer = buffer.slice(cut + 2);
-        if (!event.startsWith("data: ") || event === "data: [DONE]") continue;
-        for (const c of JSON.parse(event.slice(6)).choices || []) {
-          if (c.delta && c.delta.content) answer.content += c.delta.content;
-          if (c.logprobs && c.logprobs.content) answer.meta.tokens.push(...c.logprobs.content);
-          if (c.finish_reason) answer.meta.finish_reason = c.finish_reason;
-        }
-        update();
-      }
-    }
+    await readStream(r, chunk => {
+      for (const c of chunk.choices || []) addDelta(answer, c);
+      update();
+    });
   },
 
   decorate(div, m) {
