@@ -29,11 +29,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, *extra: str, timeout: float = 180.0):
+def start_server(model: str, *extra: str, timeout: float = 180.0, env: dict | None = None):
+    """`mmchat serve` on a free loopback port, with `env` added to the environment; returns (process, base URL)."""
     port = free_port()
     log = open(Path(tm.workdir()) / f"serve-{port}.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "mmchat", "serve", "--model", model, "--port", str(port), *extra],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     base = f"http://127.0.0.1:{port}"
     end = time.time() + timeout
     while time.time() < end:

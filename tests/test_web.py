@@ -17,21 +17,19 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (make test installs it)")
 
 
+def web_model(name: str = "llama-web", ctx: int = 2048, seed: int = 12) -> Path:
+    """The tiny random model the page tests serve, saved once."""
+    folder = tm.workdir() / name
+    if not folder.exists():
+        tm.save_hf_folder(tm.llama_model(tm.tokenizer().get_vocab_size(), ctx=ctx, seed=seed), tm.tokenizer(), folder)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    folder = tm.workdir() / "llama-web"
-    if not folder.exists():
-        tm.save_hf_folder(tm.llama_model(tm.tokenizer().get_vocab_size(), ctx=2048, seed=12), tm.tokenizer(), folder)
+    folder = web_model()
     home = tmp_path_factory.mktemp("home")  # the conversation store lives here
-    old = os.environ.get("MMCHAT_HOME")
-    os.environ["MMCHAT_HOME"] = str(home)
-    try:
-        proc, base = start_server(str(folder), "--slots", "4")
-    finally:
-        if old is None:
-            os.environ.pop("MMCHAT_HOME")
-        else:
-            os.environ["MMCHAT_HOME"] = old
+    proc, base = start_server(str(folder), "--slots", "4", env={"MMCHAT_HOME": str(home)})
     import mmchat
     eos = mmchat.load(str(folder), progress=False).eos_token_ids
     yield base, eos

@@ -3,33 +3,21 @@ that asks for a calendar event makes the model call add_event (named by the tool
 grammar), the page runs it on the server, shows the call and its result, and the model answers from it; the
 customer-service preset's answers list the passages they cite, and an out-of-scope question is declined."""
 import json
-import os
 
 import pytest
 
 from mmchat.chat.calendar import Calendar
 from mmchat.chat.knowledge import DONT_KNOW
-from test_serve import start_server, stop_server, tm
-from test_web import CHROMIUM, playwright_api, shots  # noqa: F401 - shots: the screenshots folder fixture
+from test_serve import start_server, stop_server
+from test_web import CHROMIUM, playwright_api, shots, web_model  # noqa: F401 - shots: the screenshots folder fixture
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (make test installs it)")
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    folder = tm.workdir() / "llama-web"
-    if not folder.exists():
-        tm.save_hf_folder(tm.llama_model(tm.tokenizer().get_vocab_size(), ctx=2048, seed=12), tm.tokenizer(), folder)
     home = tmp_path_factory.mktemp("home")  # the calendar and the conversations live here
-    old = os.environ.get("MMCHAT_HOME")
-    os.environ["MMCHAT_HOME"] = str(home)
-    try:
-        proc, base = start_server(str(folder), "--slots", "2")
-    finally:
-        if old is None:
-            os.environ.pop("MMCHAT_HOME")
-        else:
-            os.environ["MMCHAT_HOME"] = old
+    proc, base = start_server(str(web_model()), "--slots", "2", env={"MMCHAT_HOME": str(home)})
     yield base, home
     stop_server(proc)
 

@@ -7,7 +7,8 @@ import shutil
 import numpy as np
 import pytest
 
-from test_serve import start_server, stop_server, tm
+from test_serve import start_server, stop_server
+from test_web import web_model
 
 from mmchat.multimodal import audio, speech, speech_eval
 
@@ -23,9 +24,7 @@ QUESTION = "How many green shapes can you see on the left?"
 
 @pytest.fixture(scope="module")
 def served():
-    folder = tm.workdir() / "llama-web"  # the same tiny model as test_web.py's
-    if not folder.exists():
-        tm.save_hf_folder(tm.llama_model(tm.tokenizer().get_vocab_size(), ctx=2048, seed=12), tm.tokenizer(), folder)
+    folder = web_model()  # the same tiny model as test_web.py's
     proc, base = start_server(str(folder), "--slots", "2")
     import mmchat
     eos = mmchat.load(str(folder), progress=False).eos_token_ids

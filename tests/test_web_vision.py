@@ -2,14 +2,13 @@
 browser, sent as an OpenAI image_url part (a PNG data URI) with the typed question, and shown as a thumbnail.
 The tiny served model has no projector, so the server's one-line refusal must reach the page's status line."""
 import json
-import os
 import shutil
-from pathlib import Path
 
 import pytest
 
 from mmchat.multimodal import scenes
-from test_serve import start_server, stop_server, tm
+from test_serve import start_server, stop_server
+from test_web import web_model
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -18,17 +17,10 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromiu
 
 @pytest.mark.slow
 def test_image_upload(tmp_path):
-    folder = tm.workdir() / "llama-web-vision"
-    if not folder.exists():
-        tm.save_hf_folder(tm.llama_model(tm.tokenizer().get_vocab_size(), ctx=512, seed=13), tm.tokenizer(), folder)
+    folder = web_model("llama-web-vision", ctx=512, seed=13)
     picture = tmp_path / "scene.png"
     scenes.draw(scenes.make_scene("val", 3)).resize((600, 600)).save(picture)
-    old = os.environ.get("MMCHAT_HOME")
-    os.environ["MMCHAT_HOME"] = str(tmp_path / "home")
-    try:
-        proc, base = start_server(str(folder), "--slots", "2")
-    finally:
-        os.environ.pop("MMCHAT_HOME") if old is None else os.environ.__setitem__("MMCHAT_HOME", old)
+    proc, base = start_server(str(folder), "--slots", "2", env={"MMCHAT_HOME": str(tmp_path / "home")})
     sent = []
     try:
         with playwright_api.sync_playwright() as p:
