@@ -254,7 +254,7 @@ def main():
 
 
 def table(med: dict, args) -> str:
-    cols = [("decode_tok_s", "decode tok/s", "{:.1f}"), ("prefill_ms", f"chat prefill ms", "{:.0f}"),
+    cols = [("decode_tok_s", "decode tok/s", "{:.1f}"), ("prefill_ms", "chat prefill ms", "{:.0f}"),
             ("prefill512_tok_s", "prefill 512 tok/s", "{:.0f}"),
             ("batch_tok_s", f"batch {args.batch} tok/s", "{:.1f}"), ("load_s", "load s", "{:.2f}"),
             ("peak_rss_mb", "peak RSS MB", "{:.0f}")]

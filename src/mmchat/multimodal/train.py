@@ -12,7 +12,6 @@ VisionLM turns those into projected features, so the loop sees an ordinary (B, T
 """
 from __future__ import annotations
 
-import json
 import random
 import sys
 import time

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import torch
 
-from ..errors import MMChatError
 from .data import ChatRows, load_chats, pack_chats, render_chat
 from .loop import CHECKPOINT, Trainer, TrainConfig, setup_distributed
 from .lora import DEFAULT_TARGETS, apply_lora, load_lora_state, lora_state, parse_targets
