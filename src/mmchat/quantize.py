@@ -80,6 +80,25 @@ class DenseCopy:
         return torch.ops.mkldnn._linear_pointwise(x2, self._packed, None, "none", [], "")
 
 
+class Int4KernelLinear(DenseCopy):
+    """For linears run on torch's int4 kernel (`kernel_mm`): the packed bf16 copy for many rows where it is
+    enabled, else a prefill dequantizes once for a float GEMM, else the kernel itself."""
+
+    def forward(self, x):
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        if self.use_dense(x2):
+            y = self.dense_mm(x2)
+        elif x2.size(0) >= PREFILL_ROWS and self.dense_weight_ok():  # prefill: dequantize once, then a GEMM
+            y = F.linear(x2, self.dequantize(x.dtype))
+        else:
+            y = self.kernel_mm(x2)  # (M, N)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def dense_weight_ok(self) -> bool:
+        return self.out_features % 64 == 0 and unpack_int4_ok()
+
+
 class Int8Linear(DenseCopy, nn.Module):
     """y = x W^T (+ b) with W stored as int8 (N, K) and one scale per output row (N,)."""
 
@@ -105,7 +124,7 @@ class Int8Linear(DenseCopy, nn.Module):
         return self.weight.to(torch.bfloat16)  # (N, K) exact; the scales are applied after the GEMM
 
 
-class Int4Linear(DenseCopy, nn.Module):
+class Int4Linear(Int4KernelLinear, nn.Module):
     """y = x W^T (+ b) with W as int4 packed by the CPU kernel, (N, K/2) uint8, and per group of `group`
     inputs a scale and a zero, (K/group, N, 2): w = (q - 8) * scale + zero."""
 
@@ -116,19 +135,8 @@ class Int4Linear(DenseCopy, nn.Module):
         self.register_buffer("scales_and_zeros", torch.empty(n_in // group, n_out, 2, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.empty(n_out, dtype=dtype, device=device)) if bias else None
 
-    def forward(self, x):
-        x2 = x.reshape(-1, self.in_features)  # (M, K)
-        if self.use_dense(x2):
-            y = self.dense_mm(x2)
-        elif x2.size(0) >= PREFILL_ROWS and self.dense_weight_ok():  # prefill: dequantize once, then a GEMM
-            y = F.linear(x2, self.dequantize(x.dtype))
-        else:
-            y = torch._weight_int4pack_mm_for_cpu(x2, self.weight, self.group, self.scales_and_zeros)  # (M, N)
-        y = y.reshape(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
-
-    def dense_weight_ok(self) -> bool:
-        return self.out_features % 64 == 0 and unpack_int4_ok()
+    def kernel_mm(self, x2):
+        return torch._weight_int4pack_mm_for_cpu(x2, self.weight, self.group, self.scales_and_zeros)  # (M, N)
 
     def dequantize(self, dtype) -> torch.Tensor:
         """The float weight (N, K)."""
@@ -155,7 +163,7 @@ class Int8Embedding(nn.Module):
         return (q.unflatten(-1, (-1, self.group)) * scale[..., None]).flatten(-2)  # (B, T, d)
 
 
-class Int8x2Linear(DenseCopy, nn.Module):
+class Int8x2Linear(Int4KernelLinear, nn.Module):
     """int8 weights with a scale per group of 32 inputs, run as two int4 matmuls: with u = q + 128 =
     16 h + l (h, l in 0..15), w = s q = 16 s h + s l - 128 s, and the int4 kernel's (h - 8) * 16s + 0 plus
     (l - 8) * s + 8s is exactly that. On a tall matrix (the output head) this is int8 precision at about
@@ -170,20 +178,9 @@ class Int8x2Linear(DenseCopy, nn.Module):
             self.register_buffer(f"{plane}_sz", torch.empty(n_in // group, n_out, 2, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.empty(n_out, dtype=dtype, device=device)) if bias else None
 
-    def forward(self, x):
-        x2 = x.reshape(-1, self.in_features)  # (M, K)
-        if self.use_dense(x2):
-            y = self.dense_mm(x2)
-        elif x2.size(0) >= PREFILL_ROWS and self.dense_weight_ok():
-            y = F.linear(x2, self.dequantize(x.dtype))
-        else:
-            y = torch._weight_int4pack_mm_for_cpu(x2, self.hi, self.group, self.hi_sz) + \
-                torch._weight_int4pack_mm_for_cpu(x2, self.lo, self.group, self.lo_sz)  # (M, N)
-        y = y.reshape(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
-
-    def dense_weight_ok(self) -> bool:
-        return self.out_features % 64 == 0 and unpack_int4_ok()
+    def kernel_mm(self, x2):
+        return torch._weight_int4pack_mm_for_cpu(x2, self.hi, self.group, self.hi_sz) + \
+            torch._weight_int4pack_mm_for_cpu(x2, self.lo, self.group, self.lo_sz)  # (M, N)
 
     def dequantize(self, dtype) -> torch.Tensor:
         N, K, g = self.out_features, self.in_features, self.group
