@@ -9,8 +9,7 @@ import openai
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-import tiny_models as tm  # noqa: E402
-from test_serve import start_server, stop_server  # noqa: E402
+from test_serve import folder, start_server, stop_server  # noqa: E402,F401 - folder: the tiny model fixture
 
 from mmchat.multimodal import audio, speech, speech_eval  # noqa: E402
 
@@ -23,15 +22,6 @@ pytestmark = [
 ]
 KEY = "audio-key"
 QUESTION = "Please remind me to call my sister tomorrow morning."
-
-
-@pytest.fixture(scope="module")
-def folder():
-    path = tm.workdir() / "llama-serve"  # the same tiny model as test_serve.py's
-    if not path.exists():
-        model = tm.llama_model(tm.tokenizer().get_vocab_size(), ctx=2048, seed=11)
-        tm.save_hf_folder(model, tm.tokenizer(), path)
-    return path
 
 
 @pytest.fixture(scope="module")

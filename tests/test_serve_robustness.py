@@ -16,18 +16,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import tiny_models as tm  # noqa: E402
-from test_serve import start_server, stop_server  # noqa: E402
+from test_serve import folder, start_server, stop_server  # noqa: E402,F401 - folder: the tiny model fixture
 
 MESSAGES = [{"role": "user", "content": "Hello, how are you?"}]
-
-
-@pytest.fixture(scope="module")
-def folder():
-    path = tm.workdir() / "llama-serve"  # the same tiny random Llama as test_serve.py
-    if not path.exists():
-        model = tm.llama_model(tm.tokenizer().get_vocab_size(), ctx=2048, seed=11)
-        tm.save_hf_folder(model, tm.tokenizer(), path)
-    return path
 
 
 @pytest.fixture(scope="module")
