@@ -3,7 +3,8 @@ safetensors file, plus a JSON sidecar with the config, tokenizer and chat templa
 instead of parsing and converting the source again, so they take a fraction of a second.
 
 An entry is named after the source (path, size, modification time), the variant (dtype and quantization), the
-cache format version and the torch version (packed int4 layouts are torch's own). Both files are written
+cache format version, the torch version and the CPU's vector width (packed int4 layouts are torch's own and
+differ between AVX2 and AVX-512 builds of its kernels). Both files are written
 atomically (temporary file, fsync, rename); the sidecar goes last, so an entry without it is incomplete and
 ignored.
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 
 
 def entry_stem(root: Path, source: Path, variant: str) -> Path:
@@ -25,7 +26,8 @@ def entry_stem(root: Path, source: Path, variant: str) -> Path:
     stat = source.stat()
     if source.is_dir():  # a HuggingFace folder: its newest file stands for it
         stat = max((p.stat() for p in source.iterdir() if p.is_file()), key=lambda s: s.st_mtime_ns, default=stat)
-    ident = f"{source}|{stat.st_size}|{stat.st_mtime_ns}|{variant}|{CACHE_VERSION}|{torch.__version__}"
+    ident = f"{source}|{stat.st_size}|{stat.st_mtime_ns}|{variant}|{CACHE_VERSION}|{torch.__version__}|" \
+        f"{torch.backends.cpu.get_cpu_capability()}"
     digest = hashlib.sha256(ident.encode()).hexdigest()[:16]
     return Path(root) / f"{source.stem}-{variant}-{digest}"
 
