@@ -178,12 +178,12 @@ def test_every_fast_path_keeps_perplexity_within_2_percent(checkpoint, smollm2_p
     reference = _ppl(build_model(checkpoint.config, checkpoint.tensors, torch.float32), ids)
     assert 1 < reference < 100  # a real model reading English
     paths = {"bf16": (torch.bfloat16, None), "int8": (torch.bfloat16, "int8"), "int4": (torch.bfloat16, "int4"),
-             "gguf": (torch.bfloat16, "gguf")}
+             "gguf": (torch.bfloat16, "gguf"), "gguf, float32": (torch.float32, "gguf")}
     for name, (dtype, scheme) in paths.items():
         model = build_model(checkpoint.config, checkpoint.tensors, dtype)
         if scheme:
             Q.quantize(model, scheme, str(smollm2_path))
-            assert any(isinstance(m, (Q.Int4Linear, Q.Int8Linear)) for m in model.modules())
+            assert any(isinstance(m, tuple(Q.LINEARS.values())) for m in model.modules())
         ratio = _ppl(model, ids) / reference
         assert abs(ratio - 1) < 0.02, f"{name}: perplexity {ratio:.4f}x the float32 reference"
 

@@ -153,7 +153,7 @@ class LLM:
         weights are cached under mmchat's cache dir, so later loads memory-map them (cache=False: neither
         read nor write the cache). compile ('auto', 'on', 'off'): the decode step under torch.compile
         (mmchat.quantize.choose_compile; 'auto' leaves it off: the first compile takes a minute)."""
-        from . import quantize
+        from . import kernels, quantize
         from .formats import cache as weights_cache
         start = time.perf_counter()
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -191,6 +191,8 @@ class LLM:
                   name=model if not Path(model).exists() else Path(model).stem)
         if quantize.choose_compile(compile, dev_type):
             quantize.compile_decode(net, registry.home() / "inductor", progress)
+        elif kernels.fused_decode_ok(net):
+            net.fused_decode = kernels.FusedDecode(net)
         llm.load_seconds = time.perf_counter() - start
         return llm
 

@@ -108,7 +108,7 @@ def run(model_name: str, dtype=None, quant="auto", new_tokens: int = 128, prefil
 def _quant_of(model) -> str:
     from . import quantize
     kinds = {type(m).__name__ for m in model.modules()
-             if isinstance(m, (quantize.Int4Linear, quantize.Int8Linear))}
+             if isinstance(m, tuple(quantize.LINEARS.values()))}
     return "+".join(sorted(k.removesuffix("Linear").lower() for k in kinds)) or "none"
 
 

@@ -203,6 +203,9 @@ class Transformer(nn.Module):
         self.cache_len = 0
         self._rope = None
         self._compiled_block = None  # see compile_decode
+        # callable(x, input_pos, cache_rows) -> x running all blocks of a decode step at once (mmchat.kernels
+        # .FusedDecode, installed by the loader for quantized models on mmchat's own CPU kernels)
+        self.fused_decode = None
 
     # -- KV cache -------------------------------------------------------------------------------------------
     def setup_cache(self, batch_size: int, max_len: int, dtype=None):
@@ -274,6 +277,12 @@ class Transformer(nn.Module):
             input_pos = torch.arange(T, device=x.device).expand(B, T)  # (B, T)
         if self.pos_embeddings is not None:
             x = x + self.pos_embeddings(input_pos)  # (B, T, d)
+        if self.fused_decode is not None and T == 1 and self.cache_len and hidden_states is None \
+                and not any(layer.attn.use_reference for layer in self.layers):
+            x = self.fused_decode(x, input_pos, cache_rows)  # (B, 1, d): every block in one call per layer
+            if output_index is not None:
+                x = x[torch.arange(B, device=x.device), output_index][:, None]  # (B, 1, d)
+            return self.lm_head(self.norm(x))  # (B, 1, V)
         rope = None
         if self.cfg.arch == "llama":
             cos, sin = self.rope(x.device, x.dtype)

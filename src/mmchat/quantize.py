@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import kernels
 from .errors import MMChatError
 
 SCHEMES = ("int8", "int4", "gguf")
@@ -193,6 +194,64 @@ class Int8x2Linear(Int4KernelLinear, nn.Module):
         return ((u - 128).view(N, K // g, g) * scale).view(N, K)
 
 
+class BlockQ4Linear(nn.Module):
+    """y = x W^T (+ b) with W in 4-bit blocks of 32 inputs run on mmchat's own kernel (mmchat.kernels):
+    q4 (N, K/2) uint8 in GGUF's nibble order, and per block a scale d and a minimum m, (N, K/32) float32:
+    w = d * q + m. GGUF's Q4_1 blocks are this exactly (Q4_0: m = -8 d). A long prefill dequantizes once for
+    a float GEMM instead."""
+
+    def __init__(self, n_in: int, n_out: int, bias: bool, dtype, device=None):
+        super().__init__()
+        self.in_features, self.out_features = n_in, n_out
+        self.register_buffer("q4", torch.empty(n_out, n_in // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("d", torch.empty(n_out, n_in // GROUP, dtype=torch.float32, device=device))
+        self.register_buffer("m", torch.empty(n_out, n_in // GROUP, dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.empty(n_out, dtype=dtype, device=device)) if bias else None
+
+    def forward(self, x):
+        return _block_forward(self, x, lambda x2: kernels.q4_matmul(x2, self.q4, self.d, self.m))
+
+    def dequantize(self, dtype) -> torch.Tensor:
+        """The float weight (N, K)."""
+        N, K = self.out_features, self.in_features
+        p = self.q4.view(N, K // GROUP, GROUP // 2)  # (N, G, 16)
+        q = torch.cat([p & 0x0F, p >> 4], dim=-1).to(torch.float32)  # (N, G, 32)
+        return (q * self.d[..., None] + self.m[..., None]).view(N, K).to(dtype)
+
+
+class BlockQ8Linear(nn.Module):
+    """y = x W^T (+ b) with W in 8-bit blocks of 32 inputs (GGUF's Q8_0) run on mmchat's own kernel:
+    q8 (N, K) int8 and a scale per block d (N, K/32) float32: w = d * q."""
+
+    def __init__(self, n_in: int, n_out: int, bias: bool, dtype, device=None):
+        super().__init__()
+        self.in_features, self.out_features = n_in, n_out
+        self.register_buffer("q8", torch.empty(n_out, n_in, dtype=torch.int8, device=device))
+        self.register_buffer("d", torch.empty(n_out, n_in // GROUP, dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.empty(n_out, dtype=dtype, device=device)) if bias else None
+
+    def forward(self, x):
+        return _block_forward(self, x, lambda x2: kernels.q8_matmul(x2, self.q8, self.d))
+
+    def dequantize(self, dtype) -> torch.Tensor:
+        N, K = self.out_features, self.in_features
+        return (self.q8.view(N, K // GROUP, GROUP).float() * self.d[..., None]).view(N, K).to(dtype)
+
+
+def _block_forward(mod, x, kernel_mm):
+    """A few rows on the kernel (float32 in and out); from PREFILL_ROWS rows one dequantized float GEMM."""
+    x2 = x.reshape(-1, mod.in_features)  # (M, K)
+    if x2.size(0) >= PREFILL_ROWS:
+        y = F.linear(x2, mod.dequantize(x.dtype))
+    else:
+        y = kernel_mm(x2.float()).to(x.dtype)  # (M, N)
+    y = y.reshape(*x.shape[:-1], mod.out_features)
+    return y if mod.bias is None else y + mod.bias
+
+
+LINEARS = {"int8": Int8Linear, "int4": Int4Linear, "int8x2": Int8x2Linear, "q4": BlockQ4Linear, "q8": BlockQ8Linear}
+
+
 # -- quantizing float weights -----------------------------------------------------------------------------------
 def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row int8: w (N, K) float -> q (N, K) int8, scale (N,) float32 with w ~ q * scale.
@@ -343,27 +402,35 @@ def _linears(model) -> list[tuple[nn.Module, str, str]]:
     for i, layer in enumerate(model.layers):
         for parent, pname in ((layer.attn, "attn"), (layer.mlp, "mlp")):
             for attr, child in parent.named_children():
-                if isinstance(child, (nn.Linear, Int8Linear, Int4Linear, Int8x2Linear)):
+                if isinstance(child, (nn.Linear, *LINEARS.values())):
                     found.append((parent, attr, f"layers.{i}.{pname}.{attr}"))
     return found
 
 
 def plan(model, scheme: str, int4_names: set[str] | None = None) -> dict[str, str]:
-    """State-dict prefix -> "int8" or "int4" for each projection and the output head ("tied": the head reads
-    the int8 token table itself)."""
+    """State-dict prefix -> the kind of quantized module (a key of LINEARS) for each projection and the output
+    head. With mmchat's own kernels (mmchat.kernels): "q4" blocks for int4 and "q8" blocks for everything else,
+    the head included. Without them, torch's kernels: "int4", per-row "int8", and the head as "int8x2"."""
     if scheme not in SCHEMES:
         raise MMChatError(f"unknown quantization '{scheme}'; choose one of {', '.join(SCHEMES)} or none")
+    own = kernels.available()
     kinds = {}
     for parent, attr, name in _linears(model):
         mod = getattr(parent, attr)
         n_out, n_in = mod.out_features, mod.in_features
         want4 = scheme == "int4" or (scheme == "gguf" and f"{name}.weight" in (int4_names or set()))
-        kinds[name] = "int4" if want4 and cpu_int4_ok(n_out, n_in) else "int8"
+        if own and n_in % GROUP == 0:
+            kinds[name] = "q4" if want4 else "q8"
+        else:
+            kinds[name] = "int4" if want4 and cpu_int4_ok(n_out, n_in) else "int8"
     kinds["tok_embeddings"] = "int8"
-    # The output head (vocab x d, the largest matrix) as grouped int8 run on the int4 kernel: on its tall shape
-    # torch's int8 kernel is ~6x slower than int4 at batch 1, and int4 itself costs ~8% perplexity there.
+    # The output head (vocab x d, the largest matrix) in int8 blocks: int4 costs ~8% perplexity there. On
+    # torch's kernels it runs as two int4 matmuls: on its tall shape torch's int8 kernel is ~6x slower.
     cfg = model.cfg
-    kinds["lm_head"] = "int8x2" if cpu_int4_ok(cfg.vocab_size, cfg.d_model) else "int8"
+    if own and cfg.d_model % GROUP == 0:
+        kinds["lm_head"] = "q8"
+    else:
+        kinds["lm_head"] = "int8x2" if cpu_int4_ok(cfg.vocab_size, cfg.d_model) else "int8"
     return kinds
 
 
@@ -372,19 +439,18 @@ def restructure(model, kinds: dict[str, str], dtype, device=None):
     tensors come later from a state dict)."""
     for parent, attr, name in _linears(model):
         mod = getattr(parent, attr)
-        cls = Int4Linear if kinds.get(name) == "int4" else Int8Linear
+        cls = LINEARS[kinds.get(name, "int8")]
         setattr(parent, attr, cls(mod.in_features, mod.out_features, mod.bias is not None, dtype, device))
     emb = model.tok_embeddings
     model.tok_embeddings = Int8Embedding(emb.num_embeddings, emb.embedding_dim, dtype, device)
     d, vocab = model.cfg.d_model, model.cfg.vocab_size
-    head = Int8x2Linear if kinds.get("lm_head") == "int8x2" else Int8Linear
-    model.lm_head = head(d, vocab, False, dtype, device)
+    model.lm_head = LINEARS[kinds.get("lm_head", "int8")](d, vocab, False, dtype, device)
     return model
 
 
 def kinds_of(model) -> dict[str, str]:
     """The plan a quantized model was built with (what `restructure` needs to rebuild it)."""
-    names = {Int4Linear: "int4", Int8Linear: "int8", Int8x2Linear: "int8x2", Int8Embedding: "int8"}
+    names = {cls: kind for kind, cls in LINEARS.items()} | {Int8Embedding: "int8"}
     return {name: names[type(mod)] for name, mod in model.named_modules() if type(mod) in names}
 
 
@@ -434,7 +500,16 @@ def kernel_dtype_for(dtype: torch.dtype) -> torch.dtype:
 
 def fill(dst: nn.Module, w: torch.Tensor, blocks: tuple | None, dtype):
     """Quantize float weight w (N, K) into an empty quantized linear (int4 from GGUF blocks if given)."""
-    if isinstance(dst, Int8x2Linear):
+    if isinstance(dst, BlockQ4Linear):
+        q, s, m = blocks if blocks is not None else int4_groups(w)
+        N, K = q.shape
+        halves = q.view(N, K // GROUP, GROUP)  # (N, G, 32): byte j = weight j | weight j+16 << 4
+        dst.q4 = (halves[..., :16] | halves[..., 16:] << 4).reshape(N, K // 2).contiguous()
+        dst.d, dst.m = s.float().contiguous(), m.float().contiguous()
+    elif isinstance(dst, BlockQ8Linear):
+        q, s = int8_groups(w)
+        dst.q8, dst.d = q.contiguous(), s.float().contiguous()
+    elif isinstance(dst, Int8x2Linear):
         dst.hi, dst.lo, dst.hi_sz, dst.lo_sz = pack_int8x2(*int8_groups(w), dtype)
     elif isinstance(dst, Int4Linear):
         q, s, m = blocks if blocks is not None else int4_groups(w)

@@ -1,0 +1,231 @@
+/* Weight-only quantized matmuls for a few rows (decode steps, small batches): y = x W^T.
+ *
+ * W is kept in GGUF's own blocks of 32 weights along the input, either 4-bit with a scale and a minimum
+ * (Q4_1: w = d * q + m, q in 0..15; Q4_0 is m = -8 d) or 8-bit with a scale (Q8_0: w = d * q, q in -127..127).
+ * The activations are quantized to int8 per block of 32 on entry (scale dx, and the block's float sum for the
+ * minimum term), so each block's dot product is integer multiply-adds:
+ *     sum_j w_j x_j = d dx sum_j q_j qx_j + m sum_j x_j.
+ * The weights are read once per call for up to ROWS activation rows, which is what makes a batch of 8 nearly as
+ * cheap as one row. Output rows of W are split over threads (OpenMP: the process's libgomp, torch's own).
+ *
+ * Layouts (all row-major, contiguous):
+ *   q4 (N, K/2) uint8: per block of 32, byte j holds weight j in its low nibble and weight j+16 in its high one;
+ *   q8 (N, K) int8; d, m (N, K/32) float32; x (M, K) float32; y (M, N) float32.
+ * Needs AVX2 (every x86-64 CPU of the last decade); uses AVX-VNNI / AVX-512 VNNI where the compiler targets it.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define ROWS 8 /* activation rows handled per pass over the weights */
+
+/* x (M, K) float -> xq (M, K) int8, dx and sx (M, K/32): the scale and the float sum of every block */
+static void quantize_rows(const float *x, int M, int K, int8_t *xq, float *dx, float *sx) {
+    int G = K / 32;
+    for (int i = 0; i < M * G; i++) {
+        const float *b = x + (size_t)i * 32;
+        float amax = 0.f, sum = 0.f;
+        for (int j = 0; j < 32; j++) {
+            float a = fabsf(b[j]);
+            amax = a > amax ? a : amax;
+            sum += b[j];
+        }
+        float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
+        for (int j = 0; j < 32; j++) xq[(size_t)i * 32 + j] = (int8_t)lrintf(b[j] * inv);
+        dx[i] = d;
+        sx[i] = sum;
+    }
+}
+
+/* 32 unsigned bytes times 32 signed bytes, summed in groups of four into 8 int32 */
+static inline __m256i dot_u8_s8(__m256i u, __m256i s) {
+#if defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512VL__))
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static void *scratch(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64); }
+
+/* One output row n of W against R activation rows (R a constant after inlining, so the accumulators stay in
+ * registers). xq, dx, sx point at the first of the R rows. */
+static inline __attribute__((always_inline)) void q4_row(const uint8_t *wq, const float *wd, const float *wm,
+        const int8_t *xq, const float *dx, const float *sx, float *y, int N, int G, const int R) {
+    __m256 acc[ROWS];
+    float mins[ROWS];
+    for (int r = 0; r < R; r++) { acc[r] = _mm256_setzero_ps(); mins[r] = 0.f; }
+    for (int g = 0; g < G; g++) {
+        __m128i bytes = _mm_loadu_si128((const __m128i *)(wq + g * 16));
+        __m256i w = _mm256_and_si256(  /* weights 0..15 from the low nibbles, 16..31 from the high ones */
+            _mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes), _mm256_set1_epi8(0x0F));
+        for (int r = 0; r < R; r++) {
+            __m256i a = _mm256_loadu_si256((const __m256i *)(xq + ((size_t)r * G + g) * 32));
+            __m256 p = _mm256_cvtepi32_ps(dot_u8_s8(w, a));
+            acc[r] = _mm256_fmadd_ps(p, _mm256_set1_ps(wd[g] * dx[r * G + g]), acc[r]);
+            mins[r] += wm[g] * sx[r * G + g];
+        }
+    }
+    for (int r = 0; r < R; r++) y[(size_t)r * N] = hsum(acc[r]) + mins[r];
+}
+
+static inline __attribute__((always_inline)) void q8_row(const int8_t *wq, const float *wd,
+        const int8_t *xq, const float *dx, float *y, int N, int G, const int R) {
+    __m256 acc[ROWS];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int g = 0; g < G; g++) {
+        __m256i w = _mm256_loadu_si256((const __m256i *)(wq + g * 32));
+        __m256i wabs = _mm256_sign_epi8(w, w);  /* u8 x s8: the weight's sign moves to the activation */
+        for (int r = 0; r < R; r++) {
+            __m256i a = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(xq + ((size_t)r * G + g) * 32)), w);
+            __m256 p = _mm256_cvtepi32_ps(dot_u8_s8(wabs, a));
+            acc[r] = _mm256_fmadd_ps(p, _mm256_set1_ps(wd[g] * dx[r * G + g]), acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) y[(size_t)r * N] = hsum(acc[r]);
+}
+
+/* a switch over R so that each case gets its own unrolled copy of the row kernel */
+#define FOR_R(R, CALL) switch (R) { \
+    case 1: CALL(1); break; case 2: CALL(2); break; case 3: CALL(3); break; case 4: CALL(4); break; \
+    case 5: CALL(5); break; case 6: CALL(6); break; case 7: CALL(7); break; default: CALL(8); }
+
+void q4_matmul(const uint8_t *q4, const float *d, const float *m, const float *x, float *y,
+               int M, int N, int K, int threads) {
+    int G = K / 32;
+    int8_t *xq = scratch((size_t)M * K);
+    float *dx = scratch(sizeof(float) * M * G), *sx = scratch(sizeof(float) * M * G);
+    quantize_rows(x, M, K, xq, dx, sx);
+    for (int i0 = 0; i0 < M; i0 += ROWS) {
+        int R = M - i0 < ROWS ? M - i0 : ROWS;
+        #pragma omp parallel for schedule(static) num_threads(threads)
+        for (int n = 0; n < N; n++) {
+#define Q4_CALL(r) q4_row(q4 + (size_t)n * (K / 2), d + (size_t)n * G, m + (size_t)n * G, \
+                          xq + (size_t)i0 * K, dx + i0 * G, sx + i0 * G, y + (size_t)i0 * N + n, N, G, r)
+            FOR_R(R, Q4_CALL)
+        }
+    }
+    free(xq); free(dx); free(sx);
+}
+
+void q8_matmul(const int8_t *q8, const float *d, const float *x, float *y, int M, int N, int K, int threads) {
+    int G = K / 32;
+    int8_t *xq = scratch((size_t)M * K);
+    float *dx = scratch(sizeof(float) * M * G), *sx = scratch(sizeof(float) * M * G);
+    quantize_rows(x, M, K, xq, dx, sx);
+    for (int i0 = 0; i0 < M; i0 += ROWS) {
+        int R = M - i0 < ROWS ? M - i0 : ROWS;
+        #pragma omp parallel for schedule(static) num_threads(threads)
+        for (int n = 0; n < N; n++) {
+#define Q8_CALL(r) q8_row(q8 + (size_t)n * K, d + (size_t)n * G, xq + (size_t)i0 * K, dx + i0 * G, \
+                          y + (size_t)i0 * N + n, N, G, r)
+            FOR_R(R, Q8_CALL)
+        }
+    }
+    free(xq); free(dx); free(sx);
+}
+
+/* ---- one whole Llama block for a decode step (one new token per sequence) ----------------------------------
+ * The same arithmetic as model.py's Block with a KV cache, for B sequences at their own positions: RMSNorm,
+ * the fused Q/K/V projection, rotary embeddings, the cache write, grouped-query attention over the slots up to
+ * each sequence's position, the output projection, RMSNorm, SwiGLU MLP, two residual adds. Run from Python as
+ * one call per layer, so a decode step costs a few dozen calls instead of hundreds of small tensor ops. */
+typedef struct {
+    int kind;            /* 4: q4 blocks (q, d, m); 8: q8 blocks (q, d) */
+    const void *q;
+    const float *d, *m;
+    int n_out, n_in;
+} qlinear;
+
+static void qlinear_run(const qlinear *L, const float *x, float *y, int M, int threads) {
+    if (L->kind == 4) q4_matmul(L->q, L->d, L->m, x, y, M, L->n_out, L->n_in, threads);
+    else q8_matmul(L->q, L->d, x, y, M, L->n_out, L->n_in, threads);
+}
+
+static void rms_norm(const float *x, const float *w, float eps, float *out, int B, int D) {
+    for (int b = 0; b < B; b++) {
+        const float *xb = x + (size_t)b * D;
+        float ss = 0.f;
+        for (int i = 0; i < D; i++) ss += xb[i] * xb[i];
+        float r = 1.f / sqrtf(ss / D + eps);
+        for (int i = 0; i < D; i++) out[(size_t)b * D + i] = xb[i] * r * w[i];
+    }
+}
+
+/* x (hs) rotated in place: x * cos + (x2, x1) * sin, with sin's first half negated (model.rope_tables) */
+static void rope(float *x, const float *cos, const float *sin, int hs) {
+    float tmp[512];
+    int half = hs / 2;
+    for (int i = 0; i < hs; i++) tmp[i] = x[i] * cos[i] + x[(i + half) % hs] * sin[i];
+    for (int i = 0; i < hs; i++) x[i] = tmp[i];
+}
+
+void llama_decode_layer(float *x, const float *attn_norm, const float *mlp_norm, float eps,
+                        const qlinear *wqkv, const qlinear *wo, const qlinear *wup, const qlinear *wdown,
+                        const float *cos, const float *sin, float *kc, float *vc, const int64_t *pos,
+                        const int64_t *rows, int B, int nh, int nkv, int hs, int S, int threads) {
+    int D = wqkv->n_in, F = wdown->n_in, W = (nh + 2 * nkv) * hs, group = nh / nkv;
+    float *h = scratch(sizeof(float) * B * D), *qkv = scratch(sizeof(float) * B * W);
+    float *att = scratch(sizeof(float) * B * nh * hs), *o = scratch(sizeof(float) * B * D);
+    float *up = scratch(sizeof(float) * B * 2 * F);
+    int max_pos = 0;
+    for (int b = 0; b < B; b++) max_pos = pos[b] > max_pos ? (int)pos[b] : max_pos;
+    float *scores = scratch(sizeof(float) * B * nh * (max_pos + 1));
+
+    rms_norm(x, attn_norm, eps, h, B, D);
+    qlinear_run(wqkv, h, qkv, B, threads);  /* (B, W): nh query heads, nkv key heads, nkv value heads */
+    for (int b = 0; b < B; b++) {
+        float *qb = qkv + (size_t)b * W;
+        const float *cb = cos + (size_t)pos[b] * hs, *sb = sin + (size_t)pos[b] * hs;
+        for (int j = 0; j < nh + nkv; j++) rope(qb + (size_t)j * hs, cb, sb, hs);
+        for (int j = 0; j < nkv; j++) {  /* cache row rows[b], slot pos[b] */
+            size_t at = (((size_t)rows[b] * nkv + j) * S + pos[b]) * hs;
+            for (int i = 0; i < hs; i++) {
+                kc[at + i] = qb[(size_t)(nh + j) * hs + i];
+                vc[at + i] = qb[(size_t)(nh + nkv + j) * hs + i];
+            }
+        }
+    }
+    float scale = 1.f / sqrtf((float)hs);
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int bh = 0; bh < B * nh; bh++) {  /* softmax(q K^T / sqrt(hs)) V over slots 0..pos[b] */
+        int b = bh / nh, head = bh % nh, kvh = head / group, n = (int)pos[b] + 1;
+        const float *q = qkv + (size_t)b * W + (size_t)head * hs;
+        const float *K = kc + ((size_t)rows[b] * nkv + kvh) * S * hs, *V = vc + ((size_t)rows[b] * nkv + kvh) * S * hs;
+        float *s = scores + (size_t)bh * (max_pos + 1), best = -INFINITY, total = 0.f;
+        for (int t = 0; t < n; t++) {
+            float dot = 0.f;
+            for (int i = 0; i < hs; i++) dot += q[i] * K[(size_t)t * hs + i];
+            s[t] = dot * scale;
+            best = s[t] > best ? s[t] : best;
+        }
+        for (int t = 0; t < n; t++) { s[t] = expf(s[t] - best); total += s[t]; }
+        float *out = att + (size_t)b * nh * hs + (size_t)head * hs;
+        for (int i = 0; i < hs; i++) out[i] = 0.f;
+        for (int t = 0; t < n; t++) {
+            float p = s[t] / total;
+            for (int i = 0; i < hs; i++) out[i] += p * V[(size_t)t * hs + i];
+        }
+    }
+    qlinear_run(wo, att, o, B, threads);
+    for (int i = 0; i < B * D; i++) x[i] += o[i];
+
+    rms_norm(x, mlp_norm, eps, h, B, D);
+    qlinear_run(wup, h, up, B, threads);  /* (B, 2F): the gate, then the up projection */
+    for (int b = 0; b < B; b++)
+        for (int i = 0; i < F; i++) {
+            float g = up[(size_t)b * 2 * F + i];
+            up[(size_t)b * F + i] = g / (1.f + expf(-g)) * up[(size_t)b * 2 * F + F + i];  /* SwiGLU, packed */
+        }
+    qlinear_run(wdown, up, o, B, threads);
+    for (int i = 0; i < B * D; i++) x[i] += o[i];
+    free(h); free(qkv); free(att); free(o); free(up); free(scores);
+}

@@ -1,0 +1,156 @@
+"""mmchat's own CPU matmuls for weights kept in GGUF's 4- and 8-bit blocks (csrc/qmatmul.c), for the few rows
+of a decode step or a small batch. Built once for this CPU with the system's C compiler (`cc -O3
+-march=native`, about a second) into mmchat's cache and loaded with ctypes; where no compiler is found or the
+build fails, `available()` is False and torch's own weight-only kernels are used instead.
+
+Why our own: torch's int4 kernel decodes the weights again for every activation row and has no integer dot
+product path, and its float32 input path is not vectorized at all on AVX2-only CPUs. These read each weight
+block once for up to 8 rows and multiply in int8 (as llama.cpp does).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).parent / "csrc" / "qmatmul.c"
+_ptr = ctypes.c_void_p
+_int = ctypes.c_int
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return line
+    except OSError:
+        pass
+    return ""
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The built kernels, or None where they cannot be (not x86-64 with AVX2, no compiler, a failed build,
+    or MMCHAT_KERNELS=torch)."""
+    if os.environ.get("MMCHAT_KERNELS") == "torch" or "avx2" not in _cpu_flags().split():
+        return None
+    cc = _compiler()
+    if cc is None:
+        return None
+    from .registry import home
+    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *flags, _cpu_flags()]).encode()).hexdigest()[:16]
+    target = home() / "kernels" / f"qmatmul-{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        try:
+            subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True, timeout=120)
+            os.replace(tmp, target)  # atomic: a concurrent build or a crash never leaves half a library
+        except (OSError, subprocess.SubprocessError) as e:
+            os.unlink(tmp)
+            err = getattr(e, "stderr", b"") or b""
+            print(f"mmchat: could not build the quantized matmul kernels ({err.decode(errors='replace').strip()[:200] or e});"
+                  " using torch's", file=sys.stderr)
+            return None
+    lib = ctypes.CDLL(str(target))
+    lib.q4_matmul.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _int, _int, _int, _int]
+    lib.q8_matmul.argtypes = [_ptr, _ptr, _ptr, _ptr, _int, _int, _int, _int]
+    lib.q4_matmul.restype = lib.q8_matmul.restype = None
+    return lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def q4_matmul(x: torch.Tensor, q4: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """x (M, K) float32 -> (M, N) float32 for W in 4-bit blocks: q4 (N, K/2) uint8, d and m (N, K/32)."""
+    x = x.contiguous()
+    M, K = x.shape
+    N = q4.size(0)
+    y = torch.empty(M, N, dtype=torch.float32)
+    library().q4_matmul(q4.data_ptr(), d.data_ptr(), m.data_ptr(), x.data_ptr(), y.data_ptr(), M, N, K,
+                        torch.get_num_threads())
+    return y
+
+
+def q8_matmul(x: torch.Tensor, q8: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """x (M, K) float32 -> (M, N) float32 for W in 8-bit blocks: q8 (N, K) int8, d (N, K/32)."""
+    x = x.contiguous()
+    M, K = x.shape
+    N = q8.size(0)
+    y = torch.empty(M, N, dtype=torch.float32)
+    library().q8_matmul(q8.data_ptr(), d.data_ptr(), x.data_ptr(), y.data_ptr(), M, N, K, torch.get_num_threads())
+    return y
+
+
+# -- a whole decode step's blocks ---------------------------------------------------------------------------------
+class _QLinear(ctypes.Structure):
+    _fields_ = [("kind", _int), ("q", _ptr), ("d", _ptr), ("m", _ptr), ("n_out", _int), ("n_in", _int)]
+
+
+def _qlinear(mod) -> _QLinear:
+    if hasattr(mod, "q4"):
+        return _QLinear(4, mod.q4.data_ptr(), mod.d.data_ptr(), mod.m.data_ptr(), mod.out_features, mod.in_features)
+    return _QLinear(8, mod.q8.data_ptr(), mod.d.data_ptr(), None, mod.out_features, mod.in_features)
+
+
+def fused_decode_ok(model) -> bool:
+    """Whether `decode_layers` can run this model: a Llama-family float32 model without biases whose block
+    projections are all on mmchat's kernels (q4/q8 blocks)."""
+    from .quantize import BlockQ4Linear, BlockQ8Linear
+    cfg = model.cfg
+    if not available() or cfg.arch != "llama" or model.norm.weight.dtype != torch.float32 or cfg.head_dim > 512:
+        return False
+    return all(isinstance(lin, (BlockQ4Linear, BlockQ8Linear)) and lin.bias is None
+               for layer in model.layers for lin in (layer.attn.wqkv, layer.attn.wo, layer.mlp.w_up, layer.mlp.w_down))
+
+
+class FusedDecode:
+    """Runs every block of a decode step (one new token per row, KV cache set up) as one call per layer into
+    csrc/qmatmul.c's llama_decode_layer. The weights' addresses are gathered once; the caches' at each call
+    (they are replaced when a new cache is set up)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.layers = [(layer.attn_norm.weight, layer.mlp_norm.weight,
+                        [_qlinear(m) for m in (layer.attn.wqkv, layer.attn.wo, layer.mlp.w_up, layer.mlp.w_down)])
+                       for layer in model.layers]
+        fn = library().llama_decode_layer
+        fn.argtypes = [_ptr, _ptr, _ptr, ctypes.c_float] + [ctypes.POINTER(_QLinear)] * 4 + [_ptr] * 6 + [_int] * 6
+        fn.restype = None
+        self.fn = fn
+
+    def __call__(self, x: torch.Tensor, input_pos: torch.Tensor, cache_rows: torch.Tensor | None) -> torch.Tensor:
+        """x (B, 1, d) float32 -> the residual stream after the last block (B, 1, d)."""
+        model, cfg = self.model, self.model.cfg
+        B = x.size(0)
+        x = x.contiguous().clone()  # updated in place
+        pos = input_pos[:, 0].contiguous()  # (B,) int64
+        rows = (torch.arange(B) if cache_rows is None else cache_rows).to(torch.int64).contiguous()  # (B,)
+        cos, sin = model.rope(x.device, torch.float32)  # (max_len, hs) each
+        threads = torch.get_num_threads()
+        for layer, (n1, n2, (wqkv, wo, wup, wdown)) in zip(model.layers, self.layers):
+            cache = layer.attn.cache
+            self.fn(x.data_ptr(), n1.data_ptr(), n2.data_ptr(), cfg.norm_eps, wqkv, wo, wup, wdown,
+                    cos.data_ptr(), sin.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(), pos.data_ptr(),
+                    rows.data_ptr(), B, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cache.k.size(2), threads)
+        return x

@@ -1,0 +1,132 @@
+"""mmchat's own quantized matmuls (csrc/qmatmul.c) against float math on the same blocks, and the fused decode
+step against the module-by-module one."""
+import copy
+
+import pytest
+import torch
+
+from mmchat import kernels
+from mmchat import quantize as Q
+from mmchat.config import ModelConfig
+from mmchat.generate import SamplingParams, generate_ids
+from mmchat.model import Transformer
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="mmchat's kernels need an x86-64 CPU with AVX2 "
+                                "and a C compiler (cc/gcc/clang); torch's kernels are used instead")
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 11])
+def test_block_matmuls_match_float_math_on_the_same_blocks(rows):
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(96, 128, generator=g)
+    x = torch.randn(rows, 128, generator=g)
+    q4 = Q.BlockQ4Linear(128, 96, False, torch.float32)
+    Q.fill(q4, w, None, torch.float32)
+    q8 = Q.BlockQ8Linear(128, 96, False, torch.float32)
+    Q.fill(q8, w, None, torch.float32)
+    for lin, tol in ((q4, 0.02), (q8, 0.02)):
+        exact = x @ lin.dequantize(torch.float32).t()  # the blocks' own weights, float math
+        assert _rel(lin(x), exact) < tol  # only the activations' int8 rounding differs
+        assert _rel(lin(x), x @ w.t()) < (0.15 if lin is q4 else 0.02)  # and the weights' rounding
+    # the many-rows path dequantizes for one GEMM: the same weights exactly
+    many = torch.randn(Q.PREFILL_ROWS, 128, generator=g)
+    assert torch.allclose(q4(many), many @ q4.dequantize(torch.float32).t(), atol=1e-4)
+
+
+def _tiny_llama(seed=0):
+    cfg = ModelConfig(arch="llama", vocab_size=160, n_layer=3, d_model=64, n_head=4, n_kv_head=2, d_ff=128,
+                      max_seq_len=96, tie_embeddings=True)
+    torch.manual_seed(seed)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+        for layer in model.layers:
+            layer.attn_norm.weight.fill_(1.0), layer.mlp_norm.weight.fill_(1.0)
+    return Q.quantize(model, "int4")
+
+
+def _float_copy(model):
+    """The same model with every quantized projection as a float nn.Linear of its own dequantized weights."""
+    ref = copy.deepcopy(model)
+    for layer in ref.layers:
+        for parent in (layer.attn, layer.mlp):
+            for name, mod in list(parent.named_children()):
+                if isinstance(mod, Q.BlockQ4Linear):
+                    lin = torch.nn.Linear(mod.in_features, mod.out_features, bias=False)
+                    lin.weight.data = mod.dequantize(torch.float32)
+                    setattr(parent, name, lin)
+    return ref
+
+
+def test_fused_decode_step_equals_the_module_by_module_step():
+    """Rows at different positions in other cache rows: the fused step writes the same keys and values and
+    its logits are as close to float math on the same weights as the module-by-module step's (both round the
+    activations to int8 per block, so tiny float differences upstream can round one value the other way)."""
+    model = _tiny_llama()
+    assert kernels.fused_decode_ok(model)
+    reference = _float_copy(model)
+    fused = kernels.FusedDecode(model)
+    B, T = 3, 9
+    tokens = torch.randint(0, 160, (B, T), generator=torch.Generator().manual_seed(1))
+    step = torch.tensor([[5], [77], [12]])
+    pos = torch.tensor([[9], [4], [7]])  # rows at different positions (as if their prompts were shorter)
+    rows = torch.tensor([2, 0, 1])  # and in other cache rows
+    outs = []
+    with torch.inference_mode():
+        for net, run in ((reference, None), (model, None), (model, fused)):
+            model.fused_decode = run
+            net.setup_cache(4, 40)
+            net(tokens, torch.arange(T).expand(B, T), cache_rows=rows)
+            outs.append((net(step, pos, cache_rows=rows)[:, -1], net.layers[0].attn.cache))
+    (exact, _), (eager, eager_cache), (got, got_cache) = outs
+    assert torch.allclose(got_cache.k, eager_cache.k, atol=1e-5) and torch.allclose(got_cache.v, eager_cache.v, atol=1e-5)
+    eager_err, fused_err = (eager - exact).abs().max(), (got - exact).abs().max()
+    assert eager_err < 0.2 and fused_err < 1.5 * eager_err + 1e-3, (eager_err, fused_err)
+    assert (got - eager).abs().max() < 0.1
+
+
+def test_generation_through_the_fused_step_does_not_depend_on_the_batch():
+    """Each row is computed on its own (its own activation scales, its own attention), so a prompt decoded in
+    a batch gives exactly the tokens it gives alone; and the tokens follow the module-by-module step's."""
+    model = _tiny_llama(seed=3)
+    prompts = [[5, 17, 99, 3], [7, 7, 1], [150, 4, 4, 4, 4, 9]]
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    eager = generate_ids(model, prompts, params)
+    model.fused_decode = kernels.FusedDecode(model)
+    batched = generate_ids(model, prompts, params)
+    assert batched == [generate_ids(model, [p], params)[0] for p in prompts]
+    same = sum(a == b for e, f in zip(eager, batched) for a, b in zip(e, f))
+    assert same >= 0.5 * sum(map(len, eager))
+
+
+@pytest.mark.slow
+def test_smollm2_decodes_through_the_fused_step_within_2_percent_of_float32(smollm2_path):
+    """The embedded model as `mmchat chat` loads it (Q4_1 blocks, fused decode step), reading an English text
+    one token per step: perplexity at most 2% above float32's with no quantization, read the same way."""
+    import math
+
+    import mmchat
+    from test_quantize import TEXT
+    fast = mmchat.load(str(smollm2_path), progress=False)
+    assert fast.model.fused_decode is not None
+    exact = mmchat.load(str(smollm2_path), progress=False, quant="none", dtype="float32")
+    ids = fast.encode(TEXT)
+
+    def stepwise_ppl(model):
+        model.setup_cache(1, len(ids))
+        nll = 0.0
+        with torch.inference_mode():
+            model(torch.tensor([ids[:8]]), torch.arange(8)[None])
+            for i in range(8, len(ids) - 1):
+                logits = model(torch.tensor([[ids[i]]]), torch.tensor([[i]]))[0, -1].float()
+                nll -= float(logits.log_softmax(-1)[ids[i + 1]])
+        model.clear_cache()
+        return math.exp(nll / (len(ids) - 9))
+
+    ratio = stepwise_ppl(fast.model) / stepwise_ppl(exact.model)
+    assert 0.95 < ratio < 1.02, ratio  # no more than 2% worse (on a text this short it can come out lower)
