@@ -90,17 +90,24 @@ def test_fused_decode_step_equals_the_module_by_module_step():
     assert (got - eager).abs().max() < 0.1
 
 
-def test_generation_through_the_fused_step_does_not_depend_on_the_batch():
-    """Each row is computed on its own (its own activation scales, its own attention), so a prompt decoded in
-    a batch gives exactly the tokens it gives alone; and the tokens follow the module-by-module step's."""
+def test_fused_step_does_not_depend_on_the_batch_and_generation_follows_the_eager_tokens():
+    """Each row is computed on its own (its own activation scales, its own attention): a row stepped in a batch
+    gives exactly the logits it gives alone. Greedy generation through the fused step follows the
+    module-by-module tokens (not all: near-ties of a tiny random model flip with int8 rounding)."""
     model = _tiny_llama(seed=3)
     prompts = [[5, 17, 99, 3], [7, 7, 1], [150, 4, 4, 4, 4, 9]]
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     eager = generate_ids(model, prompts, params)
     model.fused_decode = kernels.FusedDecode(model)
-    batched = generate_ids(model, prompts, params)
-    assert batched == [generate_ids(model, [p], params)[0] for p in prompts]
-    same = sum(a == b for e, f in zip(eager, batched) for a, b in zip(e, f))
+    with torch.inference_mode():
+        model.setup_cache(3, 32)
+        model(torch.randint(0, 160, (3, 6)), torch.arange(6).expand(3, 6))
+        step, pos = torch.tensor([[3], [9], [27]]), torch.tensor([[6], [4], [5]])
+        together = model(step, pos)[:, -1]  # (3, V); the step writes each row's own slot only
+        alone = torch.cat([model(step[i:i + 1], pos[i:i + 1], cache_rows=torch.tensor([i]))[:, -1] for i in range(3)])
+    assert torch.equal(together, alone)
+    fused = generate_ids(model, prompts, params)
+    same = sum(a == b for e, f in zip(eager, fused) for a, b in zip(e, f))
     assert same >= 0.5 * sum(map(len, eager))
 
 

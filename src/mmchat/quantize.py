@@ -65,8 +65,8 @@ class DenseCopy:
     _packed = None
 
     def use_dense(self, x2: torch.Tensor) -> bool:
-        return 0 < DENSE_ROWS <= x2.size(0) and x2.dtype == torch.bfloat16 and x2.device.type == "cpu" \
-            and self.dense_weight_ok() and dense_ok()
+        return 0 < DENSE_ROWS <= x2.size(0) and x2.dtype in (torch.bfloat16, torch.float32) \
+            and x2.device.type == "cpu" and self.dense_weight_ok() and dense_ok()
 
     def dense_weight_ok(self) -> bool:
         return True
@@ -76,11 +76,12 @@ class DenseCopy:
         return self.dequantize(torch.float32).to(torch.bfloat16)
 
     def dense_mm(self, x2: torch.Tensor) -> torch.Tensor:
-        """x2 (M, K) bf16 -> (M, N)."""
+        """x2 (M, K) -> (M, N) in x2's dtype, computed in bf16."""
         if self._packed is None:
             with torch.no_grad():
                 self._packed = torch.ops.mkldnn._reorder_linear_weight(self.dense_weight().contiguous(), 8)
-        return torch.ops.mkldnn._linear_pointwise(x2, self._packed, None, "none", [], "")
+        y = torch.ops.mkldnn._linear_pointwise(x2.to(torch.bfloat16), self._packed, None, "none", [], "")
+        return y.to(x2.dtype)
 
 
 class Int4KernelLinear(DenseCopy):
@@ -194,7 +195,7 @@ class Int8x2Linear(Int4KernelLinear, nn.Module):
         return ((u - 128).view(N, K // g, g) * scale).view(N, K)
 
 
-class BlockQ4Linear(nn.Module):
+class BlockQ4Linear(DenseCopy, nn.Module):
     """y = x W^T (+ b) with W in 4-bit blocks of 32 inputs run on mmchat's own kernel (mmchat.kernels):
     q4 (N, K/2) uint8 in GGUF's nibble order, and per block a scale d and a minimum m, (N, K/32) float32:
     w = d * q + m. GGUF's Q4_1 blocks are this exactly (Q4_0: m = -8 d). A long prefill dequantizes once for
@@ -219,7 +220,7 @@ class BlockQ4Linear(nn.Module):
         return (q * self.d[..., None] + self.m[..., None]).view(N, K).to(dtype)
 
 
-class BlockQ8Linear(nn.Module):
+class BlockQ8Linear(DenseCopy, nn.Module):
     """y = x W^T (+ b) with W in 8-bit blocks of 32 inputs (GGUF's Q8_0) run on mmchat's own kernel:
     q8 (N, K) int8 and a scale per block d (N, K/32) float32: w = d * q."""
 
@@ -239,9 +240,12 @@ class BlockQ8Linear(nn.Module):
 
 
 def _block_forward(mod, x, kernel_mm):
-    """A few rows on the kernel (float32 in and out); from PREFILL_ROWS rows one dequantized float GEMM."""
+    """A few rows on the kernel (float32 in and out); many rows on the packed bf16 copy where the CPU has bf16
+    GEMMs (DenseCopy), else from PREFILL_ROWS rows one dequantized float GEMM."""
     x2 = x.reshape(-1, mod.in_features)  # (M, K)
-    if x2.size(0) >= PREFILL_ROWS:
+    if mod.use_dense(x2):
+        y = mod.dense_mm(x2)
+    elif x2.size(0) >= PREFILL_ROWS:
         y = F.linear(x2, mod.dequantize(x.dtype))
     else:
         y = kernel_mm(x2.float()).to(x.dtype)  # (M, N)
@@ -602,12 +606,12 @@ def gguf_has_q4(path) -> bool:
 def choose(device: str, dtype: torch.dtype | None, quant: str | None, n_params: int,
            source_is_q4_gguf) -> tuple[torch.dtype, str | None]:
     """The dtype and quantization scheme to run with. Explicit choices win; 'auto' picks, for models of
-    FAST_PATH_MIN_PARAMS or more: on a CPU bf16 compute where the CPU has bf16 instructions, and weight-only
-    quantization (a GGUF's own Q4 blocks when it has them, which is lossless, else int8); on a GPU bf16.
+    FAST_PATH_MIN_PARAMS or more: on a CPU weight-only quantization (a GGUF's own Q4 blocks when it has them,
+    which is lossless, else int8) with float32 compute on mmchat's own kernels (mmchat.kernels: the decode step
+    runs whole blocks in C, and long prompts still use bf16 GEMMs where the CPU has them, see DenseCopy), or
+    bf16 compute on torch's kernels where ours cannot be built and the CPU has bf16 instructions; on a GPU bf16.
     `source_is_q4_gguf` is called only when needed (it opens the file)."""
     big = n_params >= FAST_PATH_MIN_PARAMS
-    if dtype is None:
-        dtype = torch.bfloat16 if big and (device != "cpu" or cpu_has_bf16()) else torch.float32
     if quant == "auto":
         quant = None
         if big and device == "cpu":
@@ -617,6 +621,9 @@ def choose(device: str, dtype: torch.dtype | None, quant: str | None, n_params: 
     if quant is not None and device != "cpu":
         raise MMChatError("weight-only int8/int4 kernels run on the CPU only; on a GPU use --quant none "
                           "(bf16 weights)")
+    if dtype is None:
+        own_kernels = quant is not None and kernels.available()
+        dtype = torch.bfloat16 if big and not own_kernels and (device != "cpu" or cpu_has_bf16()) else torch.float32
     return dtype, quant
 
 

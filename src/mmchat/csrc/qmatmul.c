@@ -160,6 +160,15 @@ static void rms_norm(const float *x, const float *w, float eps, float *out, int 
     }
 }
 
+static inline float dot_f32(const float *a, const float *b, int n) {
+    __m256 acc = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    float s = hsum(acc);
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
 /* x (hs) rotated in place: x * cos + (x2, x1) * sin, with sin's first half negated (model.rope_tables) */
 static void rope(float *x, const float *cos, const float *sin, int hs) {
     float tmp[512];
@@ -202,9 +211,7 @@ void llama_decode_layer(float *x, const float *attn_norm, const float *mlp_norm,
         const float *K = kc + ((size_t)rows[b] * nkv + kvh) * S * hs, *V = vc + ((size_t)rows[b] * nkv + kvh) * S * hs;
         float *s = scores + (size_t)bh * (max_pos + 1), best = -INFINITY, total = 0.f;
         for (int t = 0; t < n; t++) {
-            float dot = 0.f;
-            for (int i = 0; i < hs; i++) dot += q[i] * K[(size_t)t * hs + i];
-            s[t] = dot * scale;
+            s[t] = dot_f32(q, K + (size_t)t * hs, hs) * scale;
             best = s[t] > best ? s[t] : best;
         }
         for (int t = 0; t < n; t++) { s[t] = expf(s[t] - best); total += s[t]; }
