@@ -56,38 +56,44 @@ static inline float hsum(__m256 v) {
 
 static void *scratch(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64); }
 
-/* One output row n of W against R activation rows (R a constant after inlining, so the accumulators stay in
- * registers). xq, dx, sx point at the first of the R rows. */
+/* One output row of W against R activation rows (R a constant after inlining, so the accumulators stay in
+ * registers). xq points at the first of the R rows; dxt and sxt hold the activation scales and block sums
+ * transposed, (G, ROWS), so a block's R scales are one vector multiply and its R minimum terms one FMA. */
 static inline __attribute__((always_inline)) void q4_row(const uint8_t *wq, const float *wd, const float *wm,
-        const int8_t *xq, const float *dx, const float *sx, float *y, int N, int G, const int R) {
-    __m256 acc[ROWS];
-    float mins[ROWS];
-    for (int r = 0; r < R; r++) { acc[r] = _mm256_setzero_ps(); mins[r] = 0.f; }
+        const int8_t *xq, const float *dxt, const float *sxt, float *y, int N, int G, const int R) {
+    __m256 acc[ROWS], mins = _mm256_setzero_ps();
+    float scales[ROWS] __attribute__((aligned(32)));
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
     for (int g = 0; g < G; g++) {
         __m128i bytes = _mm_loadu_si128((const __m128i *)(wq + g * 16));
         __m256i w = _mm256_and_si256(  /* weights 0..15 from the low nibbles, 16..31 from the high ones */
             _mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes), _mm256_set1_epi8(0x0F));
+        _mm256_store_ps(scales, _mm256_mul_ps(_mm256_set1_ps(wd[g]), _mm256_loadu_ps(dxt + g * ROWS)));
+        mins = _mm256_fmadd_ps(_mm256_set1_ps(wm[g]), _mm256_loadu_ps(sxt + g * ROWS), mins);
         for (int r = 0; r < R; r++) {
             __m256i a = _mm256_loadu_si256((const __m256i *)(xq + ((size_t)r * G + g) * 32));
             __m256 p = _mm256_cvtepi32_ps(dot_u8_s8(w, a));
-            acc[r] = _mm256_fmadd_ps(p, _mm256_set1_ps(wd[g] * dx[r * G + g]), acc[r]);
-            mins[r] += wm[g] * sx[r * G + g];
+            acc[r] = _mm256_fmadd_ps(p, _mm256_broadcast_ss(scales + r), acc[r]);
         }
     }
-    for (int r = 0; r < R; r++) y[(size_t)r * N] = hsum(acc[r]) + mins[r];
+    float m[ROWS] __attribute__((aligned(32)));
+    _mm256_store_ps(m, mins);
+    for (int r = 0; r < R; r++) y[(size_t)r * N] = hsum(acc[r]) + m[r];
 }
 
 static inline __attribute__((always_inline)) void q8_row(const int8_t *wq, const float *wd,
-        const int8_t *xq, const float *dx, float *y, int N, int G, const int R) {
+        const int8_t *xq, const float *dxt, float *y, int N, int G, const int R) {
     __m256 acc[ROWS];
+    float scales[ROWS] __attribute__((aligned(32)));
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
     for (int g = 0; g < G; g++) {
         __m256i w = _mm256_loadu_si256((const __m256i *)(wq + g * 32));
         __m256i wabs = _mm256_sign_epi8(w, w);  /* u8 x s8: the weight's sign moves to the activation */
+        _mm256_store_ps(scales, _mm256_mul_ps(_mm256_set1_ps(wd[g]), _mm256_loadu_ps(dxt + g * ROWS)));
         for (int r = 0; r < R; r++) {
             __m256i a = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(xq + ((size_t)r * G + g) * 32)), w);
             __m256 p = _mm256_cvtepi32_ps(dot_u8_s8(wabs, a));
-            acc[r] = _mm256_fmadd_ps(p, _mm256_set1_ps(wd[g] * dx[r * G + g]), acc[r]);
+            acc[r] = _mm256_fmadd_ps(p, _mm256_broadcast_ss(scales + r), acc[r]);
         }
     }
     for (int r = 0; r < R; r++) y[(size_t)r * N] = hsum(acc[r]);
@@ -98,39 +104,52 @@ static inline __attribute__((always_inline)) void q8_row(const int8_t *wq, const
     case 1: CALL(1); break; case 2: CALL(2); break; case 3: CALL(3); break; case 4: CALL(4); break; \
     case 5: CALL(5); break; case 6: CALL(6); break; case 7: CALL(7); break; default: CALL(8); }
 
+/* rows i0..i0+R of dx and sx (M, G) -> dxt and sxt (G, ROWS), zero beyond R */
+static void transpose_scales(const float *dx, const float *sx, int i0, int R, int G, float *dxt, float *sxt) {
+    for (int g = 0; g < G; g++)
+        for (int r = 0; r < ROWS; r++) {
+            dxt[g * ROWS + r] = r < R ? dx[(i0 + r) * G + g] : 0.f;
+            sxt[g * ROWS + r] = r < R ? sx[(i0 + r) * G + g] : 0.f;
+        }
+}
+
 void q4_matmul(const uint8_t *q4, const float *d, const float *m, const float *x, float *y,
                int M, int N, int K, int threads) {
     int G = K / 32;
     int8_t *xq = scratch((size_t)M * K);
     float *dx = scratch(sizeof(float) * M * G), *sx = scratch(sizeof(float) * M * G);
+    float *dxt = scratch(sizeof(float) * G * ROWS), *sxt = scratch(sizeof(float) * G * ROWS);
     quantize_rows(x, M, K, xq, dx, sx);
     for (int i0 = 0; i0 < M; i0 += ROWS) {
         int R = M - i0 < ROWS ? M - i0 : ROWS;
+        transpose_scales(dx, sx, i0, R, G, dxt, sxt);
         #pragma omp parallel for schedule(static) num_threads(threads)
         for (int n = 0; n < N; n++) {
 #define Q4_CALL(r) q4_row(q4 + (size_t)n * (K / 2), d + (size_t)n * G, m + (size_t)n * G, \
-                          xq + (size_t)i0 * K, dx + i0 * G, sx + i0 * G, y + (size_t)i0 * N + n, N, G, r)
+                          xq + (size_t)i0 * K, dxt, sxt, y + (size_t)i0 * N + n, N, G, r)
             FOR_R(R, Q4_CALL)
         }
     }
-    free(xq); free(dx); free(sx);
+    free(xq); free(dx); free(sx); free(dxt); free(sxt);
 }
 
 void q8_matmul(const int8_t *q8, const float *d, const float *x, float *y, int M, int N, int K, int threads) {
     int G = K / 32;
     int8_t *xq = scratch((size_t)M * K);
     float *dx = scratch(sizeof(float) * M * G), *sx = scratch(sizeof(float) * M * G);
+    float *dxt = scratch(sizeof(float) * G * ROWS), *sxt = scratch(sizeof(float) * G * ROWS);
     quantize_rows(x, M, K, xq, dx, sx);
     for (int i0 = 0; i0 < M; i0 += ROWS) {
         int R = M - i0 < ROWS ? M - i0 : ROWS;
+        transpose_scales(dx, sx, i0, R, G, dxt, sxt);
         #pragma omp parallel for schedule(static) num_threads(threads)
         for (int n = 0; n < N; n++) {
-#define Q8_CALL(r) q8_row(q8 + (size_t)n * K, d + (size_t)n * G, xq + (size_t)i0 * K, dx + i0 * G, \
+#define Q8_CALL(r) q8_row(q8 + (size_t)n * K, d + (size_t)n * G, xq + (size_t)i0 * K, dxt, \
                           y + (size_t)i0 * N + n, N, G, r)
             FOR_R(R, Q8_CALL)
         }
     }
-    free(xq); free(dx); free(sx);
+    free(xq); free(dx); free(sx); free(dxt); free(sxt);
 }
 
 /* ---- one whole Llama block for a decode step (one new token per sequence) ----------------------------------
