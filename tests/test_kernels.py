@@ -32,9 +32,9 @@ def test_block_matmuls_match_float_math_on_the_same_blocks(rows):
         exact = x @ lin.dequantize(torch.float32).t()  # the blocks' own weights, float math
         assert _rel(lin(x), exact) < tol  # only the activations' int8 rounding differs
         assert _rel(lin(x), x @ w.t()) < (0.15 if lin is q4 else 0.02)  # and the weights' rounding
-    # the many-rows path dequantizes for one GEMM: the same weights exactly
-    many = torch.randn(Q.PREFILL_ROWS, 128, generator=g)
-    assert torch.allclose(q4(many), many @ q4.dequantize(torch.float32).t(), atol=1e-4)
+    # a prompt's many rows: chunks of 8 rows on the kernel (or the bf16 copy where the CPU has bf16 GEMMs)
+    many = torch.randn(300, 128, generator=g)
+    assert _rel(q4(many), many @ q4.dequantize(torch.float32).t()) < 0.02
 
 
 def _tiny_llama(seed=0):
