@@ -10,6 +10,8 @@ Three schemes, all keeping activations, norms, attention and the KV cache in the
         Q4_0 is w = d * (q - 8), zero 0. Other tensors (Q8_0, K-quants, floats) become int8 per row.
 In every scheme the token table is int8 in groups of 32 (dequantized on lookup) and the output head grouped
 int8 run as two int4 matmuls (Int8x2Linear; see plan).
+Where mmchat's own kernels build (mmchat.kernels), the same blocks run on them instead: int4 as BlockQ4Linear
+(GGUF's Q4 layout), everything else, the head included, as BlockQ8Linear (int8 in groups of 32).
 
 A quantized model's state dict holds int8/uint8 tensors plus float scales; `restructure` rebuilds the same
 modules on a model made on the meta device, so a saved state dict (the converted-weights cache) loads back with
@@ -198,8 +200,7 @@ class Int8x2Linear(Int4KernelLinear, nn.Module):
 class BlockQ4Linear(DenseCopy, nn.Module):
     """y = x W^T (+ b) with W in 4-bit blocks of 32 inputs run on mmchat's own kernel (mmchat.kernels):
     q4 (N, K/2) uint8 in GGUF's nibble order, and per block a scale d and a minimum m, (N, K/32) float32:
-    w = d * q + m. GGUF's Q4_1 blocks are this exactly (Q4_0: m = -8 d). A long prefill dequantizes once for
-    a float GEMM instead."""
+    w = d * q + m. GGUF's Q4_1 blocks are this exactly (Q4_0: m = -8 d)."""
 
     def __init__(self, n_in: int, n_out: int, bias: bool, dtype, device=None):
         super().__init__()
@@ -241,8 +242,8 @@ class BlockQ8Linear(DenseCopy, nn.Module):
 
 def _block_forward(mod, x, kernel_mm):
     """Many rows on the packed bf16 copy where the CPU has bf16 GEMMs (DenseCopy), else every row count on the
-    kernel (float32 in and out). Dequantizing for a float32 GEMM instead never paid on an AVX2-only Zen 3 (one
-    thread, CPU time): the kernel was 1.5-3x faster from 8 to 50 rows, 1.15x at 200 and level at 512 (158 vs 165 tok/s)."""
+    kernel (float32 in and out). Dequantizing for a float32 GEMM instead did not pay on an AVX2-only Zen 3
+    (one thread, CPU time): the kernel was 1.5-3x faster from 8 to 50 rows, 1.15x at 200, level at 512."""
     x2 = x.reshape(-1, mod.in_features)  # (M, K)
     if mod.use_dense(x2):
         y = mod.dense_mm(x2)
