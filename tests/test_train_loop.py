@@ -13,7 +13,7 @@ import torch
 
 from mmchat.cli import main
 from mmchat.errors import MMChatError
-from mmchat.train.loop import TrainConfig, atomic_save, load_checkpoint_file
+from mmchat.train.loop import ChunkedNLL, TrainConfig, atomic_save, load_checkpoint_file
 from mmchat.train.pretrain import pretrain
 
 CORPUS = str(resources.files("mmchat") / "data" / "tiny_corpus.txt")
@@ -204,3 +204,26 @@ def test_auto_precision_uses_bf16_only_where_it_is_faster():
     assert use_bf16("auto", cpu, 1_000_000) is False  # a small model: the casts cost more than they save
     assert use_bf16("auto", cpu, 135_000_000) is cpu_has_bf16()
     assert use_bf16("fp32", cpu, 135_000_000) is False and use_bf16("bf16", cpu, 1_000) is True
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_nll_matches_cross_entropy(dtype):
+    """The loop's loss, chunk by chunk in float32, gives F.cross_entropy(logits.float())'s values and gradients
+    (several chunks: 70 rows of a 50k vocabulary), and leaves the logits as they were."""
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(70, 50_000, generator=g) * 4).to(dtype).requires_grad_()  # (N, V)
+    targets = torch.randint(0, 50_000, (70,), generator=g)  # (N,)
+    weights = torch.rand(70, generator=g)  # (N,) as the loss mask and scale would
+    before = logits.detach().clone()
+    ours = ChunkedNLL.apply(logits, targets)
+    (ours * weights).sum().backward()
+    grad_ours, logits.grad = logits.grad, None
+    ref = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+    (ref * weights).sum().backward()
+    assert ours.dtype == torch.float32 and torch.allclose(ours, ref, atol=1e-5)
+    assert grad_ours.dtype == dtype
+    # float32 rounding of the log-sum-exp over 50k terms; bf16: one rounding of the float32 gradient either way,
+    # so at most one bf16 step apart (2^-7 relative at worst)
+    rtol = 1e-4 if dtype == torch.float32 else 2 ** -6
+    assert torch.allclose(grad_ours.float(), logits.grad.float(), rtol=rtol, atol=1e-7)
+    assert torch.equal(logits.detach(), before)

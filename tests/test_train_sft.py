@@ -49,6 +49,44 @@ def test_lora_starts_at_base_trains_only_adapters_and_merges_exactly(config):
     assert torch.allclose(merged_logits, lora_logits, atol=1e-5)
 
 
+@pytest.mark.parametrize("config", ["tiny", "tiny-gpt2"])
+def test_bf16_lora_casts_the_frozen_weights_once_with_the_same_steps(config, tmp_path):
+    """Under bf16 autocast the frozen base weights are cast to bf16 once (FrozenCasts), not at every forward: the
+    steps give bit-identical losses and adapters to plain autocast, and outside a step the model holds its fp32
+    weights (the head still tied to the embeddings where it was)."""
+    from mmchat.train.loop import Trainer
+    from mmchat.train.lora import lora_state
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 512, (2, 17), generator=g)  # (B, T+1)
+
+    class Rows:
+        def train_batch(self, step, micro, n_micro, batch_size, rank=0, world=1):
+            return ids[:, :-1], ids[:, 1:], torch.ones(2, 16, dtype=torch.bool)
+
+    runs = {}
+    for copies in (True, False):
+        model = build_model(get_config(config), seed=0)
+        apply_lora(model, rank=4, alpha=8, targets="q,k,v,o")
+        weights = {n: p for n, p in model.named_parameters()}
+        cfg = TrainConfig(batch_size=2, seq_len=16, lr=1e-2, warmup_steps=1, precision="bf16", device="cpu",
+                          progress=False)
+        trainer = Trainer(model, Rows(), cfg, tmp_path / str(copies), meta={}, state_fn=lora_state)
+        if not copies:
+            trainer.frozen_casts = None  # autocast casts every frozen weight at every forward
+        runs[copies] = [trainer._train_step(step)["loss"] for step in range(3)], lora_state(model)
+        if copies:  # one bf16 copy per frozen Linear (base projections, MLP, head), made at the first step only
+            n_frozen = sum(isinstance(m, torch.nn.Linear) and not m.weight.requires_grad for m in model.modules())
+            assert len(trainer.frozen_casts.copies) == n_frozen > 0
+            assert all(c.dtype == torch.bfloat16 for _, c in trainer.frozen_casts.copies.values())
+        assert {n: p for n, p in model.named_parameters()} == weights  # the same fp32 Parameters after steps
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        assert (model.lm_head.weight is model.tok_embeddings.weight) == model.cfg.tie_embeddings
+    (losses_copies, state_copies), (losses_plain, state_plain) = runs[True], runs[False]
+    assert losses_copies == losses_plain and losses_copies[-1] < losses_copies[0]
+    assert all(torch.equal(state_copies[k], state_plain[k]) for k in state_plain)
+
+
 def test_lora_rejects_unknown_targets():
     model = build_model(get_config("tiny"), seed=0)
     with pytest.raises(MMChatError, match="unknown LoRA target 'qq'"):

@@ -68,15 +68,17 @@ class LoRALinear(nn.Module):
         return w
 
     def forward(self, x):
-        y = self.base(x)  # (B, T, out)
-        pieces, k = [], 0
+        # every adapter in two matmuls: all A_p stacked, then the B_p as one block-diagonal matrix (no rows
+        # where a slice has no adapter), added onto the base output by addmm: no per-slice products, zeros or cat
+        a = torch.cat(list(self.lora_A)) if len(self.lora_A) > 1 else self.lora_A[0]  # (n r, in)
+        blocks, k = [], 0
         for (start, end), on in zip(self.slices, self.adapted):
-            if on:
-                pieces.append((x @ self.lora_A[k].t()) @ self.lora_B[k].t() * self.scale)  # (B, T, end-start)
-                k += 1
-            else:
-                pieces.append(y.new_zeros(*y.shape[:-1], end - start))
-        return y + torch.cat(pieces, dim=-1)  # (B, T, out)
+            blocks.append(self.lora_B[k] if on else a.new_zeros(end - start, 0))  # (end-start, r or 0)
+            k += on
+        b = torch.block_diag(*blocks) if len(blocks) > 1 else blocks[0]  # (out, n r)
+        y = self.base(x)  # (B, T, out)
+        h = x @ a.t()  # (B, T, n r)
+        return torch.addmm(y.flatten(0, -2), h.flatten(0, -2), b.t(), alpha=self.scale).view(y.shape)  # (B, T, out)
 
 
 def _slices(model, attr: str, linear: nn.Linear) -> list[tuple[int, int]]:
