@@ -4,7 +4,9 @@ LoRA) on the same model (SmolLM2-135M, dequantized to fp32), the same token rows
     python benchmarks/train_speed.py --steps 6 --batch 4 --seq 256
 
 Each variant runs --warmup untimed steps, then --steps timed ones; the table shows the median tokens/s of a step
-(forward, loss, backward, gradient clipping, AdamW step). Both precisions run by default: the same-precision
+(forward, loss, backward, gradient clipping, AdamW step), and per second of the process's CPU time (less moved by
+other processes on a busy machine). Both precisions run by default where the CPU has bf16 units (on one without,
+both libraries emulate bf16 matmuls ~10x slower than fp32, so only fp32 runs unless --precision asks): the same-precision
 ratios compare the training steps, and the last lines compare what each gives by default (mmchat's `auto`,
 which is bf16 autocast on a CPU with bf16 units for a model this size, against HF Trainer's CPU default, fp32).
 With --compile mmchat's blocks run under torch.compile (its --compile); the first step, which compiles, is timed
@@ -29,17 +31,18 @@ def rows(vocab: int, batch: int, seq: int, seed: int = 0):
     return ids[:, :-1], ids[:, 1:]
 
 
-def timed(step, warmup: int, steps: int, tokens: int) -> tuple[float, float]:
-    """Median tokens/s of the timed steps, and the loss of the last one (the same rows every step, so the loss
-    falls; equal losses across variants show they train the same)."""
+def timed(step, warmup: int, steps: int, tokens: int) -> tuple[tuple[float, float], float]:
+    """Median tokens/s of the timed steps (wall clock, and per CPU-second of this process), and the loss of the last
+    one (the same rows every step, so the loss falls; equal losses across variants show they train the same)."""
     for _ in range(warmup):
         step()
-    speeds = []
+    speeds, cpu_speeds = [], []
     for _ in range(steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss = step()
         speeds.append(tokens / (time.perf_counter() - t0))
-    return statistics.median(speeds), loss
+        cpu_speeds.append(tokens / (time.process_time() - c0))
+    return (statistics.median(speeds), statistics.median(cpu_speeds)), loss
 
 
 def mmchat_variant(folder: str, lora: bool, x, y, args, precision: str) -> tuple[float, float]:
@@ -104,12 +107,18 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--precision", default="fp32,bf16", help="fp32, bf16 or both (comma-separated)")
+    ap.add_argument("--precision", default="",
+                    help="fp32, bf16 or both (comma-separated); default: both where the CPU has bf16 units, else fp32")
     ap.add_argument("--compile", action="store_true", help="mmchat's --compile: each block under torch.compile")
     ap.add_argument("--only", default="mmchat-full,hf-full,mmchat-lora,hf-peft-lora")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not args.precision:
+        from mmchat.quantize import cpu_has_bf16
+        args.precision = "fp32,bf16" if cpu_has_bf16() else "fp32"
+        if not cpu_has_bf16():
+            print("this CPU has no bf16 units (AVX-512 BF16, AMX): fp32 only (--precision fp32,bf16 to run both)")
     # every variant runs on the same threads: mmchat.load would otherwise pick them anew from the load average
     os.environ["MMCHAT_THREADS"] = str(torch.get_num_threads())
     import mmchat
@@ -128,7 +137,8 @@ def main():
         for precision in args.precision.split(","):
             for name in args.only.split(","):
                 results[name, precision], loss = variants[name](precision)
-                print(f"{name:<14} {precision:<5} {results[name, precision]:8.1f} tok/s   last loss {loss:.4f}",
+                wall, cpu = results[name, precision]
+                print(f"{name:<14} {precision:<5} {wall:8.1f} tok/s {cpu:8.1f} tok/CPU-s   last loss {loss:.4f}",
                       flush=True)
     print(f"\nbatch {args.batch} x {args.seq}, {torch.get_num_threads()} threads, median of {args.steps} steps, "
           f"mmchat {'compiled' if args.compile else 'eager'}")
@@ -138,8 +148,9 @@ def main():
         for p_ours, p_theirs, label in [(p, p, p) for p in args.precision.split(",")] + [
                 (auto, "fp32", f"defaults: mmchat auto ({auto}) vs HF fp32")]:
             if (ours, p_ours) in results and (theirs, p_theirs) in results:
-                a, b = results[ours, p_ours], results[theirs, p_theirs]
-                print(f"{kind} {label}: mmchat {a:.1f} tok/s, HF {b:.1f} tok/s, {a / b:.2f}x")
+                (a, a_cpu), (b, b_cpu) = results[ours, p_ours], results[theirs, p_theirs]
+                print(f"{kind} {label}: mmchat {a:.1f} tok/s, HF {b:.1f} tok/s, {a / b:.2f}x "
+                      f"(per CPU-second {a_cpu / b_cpu:.2f}x)")
 
 
 if __name__ == "__main__":
