@@ -40,11 +40,14 @@ def main():
                                     max_tokens=40)
     except ImportError:
         print("scikit-image is not installed: no photo descriptions", file=sys.stderr)
+    from mmchat.multimodal import ocr
     out = {"adapter": str(llm.vision_adapter.path), "adapter_meta": llm.vision_adapter.meta,
+           "ocr": ocr.available(),  # with the `ocr` extra, the words in scenes are also read by OCR
            "scenes": args.scenes, "seconds": round(time.perf_counter() - start),
            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}",
            "accuracy": {k: v for k, v in report.items() if k != "examples"},
            "examples": report["examples"], "photos": photos}
+    print(f"OCR line after images: {'yes' if out['ocr'] else 'no (' + ocr.missing() + ')'}")
     print(f"{'kind':10} {'correct':>8} {'total':>6} {'accuracy':>9}")
     for kind, r in out["accuracy"].items():
         acc = f"{r['accuracy']:9.1%}" if r["total"] else f"{'-':>9}"

@@ -12,7 +12,7 @@ import mmchat
 from mmchat.errors import MMChatError
 from mmchat.generate import SamplingParams, generate
 from mmchat.multimodal import projector as P
-from mmchat.multimodal import scenes
+from mmchat.multimodal import scenes, vision
 
 sys.path.insert(0, str(Path(__file__).parent))
 import tiny_models as tm  # noqa: E402
@@ -130,8 +130,14 @@ def test_adapter_file_round_trip(tmp_path, tiny):
     a.save(tmp_path / "a.safetensors")
     b = P.Adapter.load(tmp_path / "a.safetensors")
     assert b.fits(tiny.config) and b.meta["hidden"] == 32 and set(b.lora) == set(a.lora)
-    grid = torch.rand(1, 1280, 7, 7) * 6
+    grid = torch.rand(1, vision.FEATURES, 7, 7) * 6  # the encoder's channels and the cell colours
     torch.testing.assert_close(b.projector(grid), a.projector(grid), atol=2e-2, rtol=2e-2)  # stored in fp16
+    # an adapter trained before the cell colours were added reads the first 1280 channels
+    old = P.Adapter(P.Projector(tiny.config.d_model, d_in=vision.CHANNELS, hidden=32).eval(), {}, a.meta)
+    old.save(tmp_path / "old.safetensors")
+    again = P.Adapter.load(tmp_path / "old.safetensors")
+    assert again.projector.d_in == vision.CHANNELS
+    torch.testing.assert_close(again.projector(grid), old.projector(grid[:, : vision.CHANNELS]), atol=2e-2, rtol=2e-2)
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(MMChatError, match="not an mmchat image adapter"):
         P.Adapter.load(tmp_path / "bad.safetensors")

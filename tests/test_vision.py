@@ -21,7 +21,8 @@ def photos():
 
 def test_classifier_top1_on_real_photos(photos):
     grid, logits = vision.encode([photos["chelsea"], photos["coffee"]])
-    assert grid.shape == (2, vision.CHANNELS, vision.GRID, vision.GRID)
+    assert grid.shape == (2, vision.FEATURES, vision.GRID, vision.GRID)  # the encoder's channels and cell colours
+    assert (grid[:, vision.CHANNELS:].abs() <= 1).all()  # mean colours in [-1, 1]
     labels = vision.top_labels(logits, k=3)
     cat, coffee = labels[0][0][0], labels[1][0][0]
     assert cat in CATS, labels[0]

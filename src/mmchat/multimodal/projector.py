@@ -1,4 +1,5 @@
-"""Images into the language model, LLaVA-style: the frozen encoder's 7x7 grid (49 vectors of 1280 channels) ->
+"""Images into the language model, LLaVA-style: the frozen encoder's 7x7 grid (49 vectors of 1280 channels, and each
+cell's mean colour: vision.features) ->
 a two-layer MLP -> 49 vectors in the LM's embedding space, spliced into the prompt where a message has an image.
 
 A message's content may be OpenAI content parts; images go in as
@@ -6,7 +7,8 @@ A message's content may be OpenAI content parts; images go in as
     {"type": "image", "image": <path, bytes, PIL image or numpy array>}          (Python convenience)
 Each image becomes 49 placeholder tokens in the rendered chat, then, for a photo-like image on which the ImageNet
 classifier is confident, a short line with its best guesses (what the small projector, trained on drawn scenes
-only, cannot name itself: a cat, an espresso), then the message's text.
+only, cannot name itself: a cat, an espresso), then the text read in the image by OCR if any (with the optional
+`ocr` extra: multimodal/ocr.py), then the message's text.
 
 An adapter file (safetensors) holds the projector and, optionally, a low-rank update of the LM's attention
 (stage 2 of the alignment) that is applied only to the rows of a batch that carry an image, so text-only chats
@@ -15,6 +17,7 @@ served by the same model are unchanged.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,17 +39,20 @@ HINT_MIN_PROB = 0.25                       # show the classifier's guesses only 
 
 
 class Projector(nn.Module):
-    """(B, 1280, 7, 7) feature grids -> (B, 49, d_model) embeddings: LayerNorm, Linear, GELU, Linear."""
+    """(B, 1283, 7, 7) feature grids -> (B, 49, d_model) embeddings: LayerNorm, Linear, GELU, Linear.
+    d_in = 1280 reads the encoder's channels alone (adapters trained before the cell colours were added)."""
 
-    def __init__(self, d_model: int, d_in: int = vision.CHANNELS, hidden: int | None = None):
+    def __init__(self, d_model: int, d_in: int = vision.FEATURES, hidden: int | None = None):
         super().__init__()
         hidden = hidden or d_model
+        self.d_in = d_in
         self.norm = nn.LayerNorm(d_in)
         self.fc1 = nn.Linear(d_in, hidden)
         self.fc2 = nn.Linear(hidden, d_model)
 
     def forward(self, grid: torch.Tensor) -> torch.Tensor:
-        x = grid.flatten(2).transpose(1, 2) if grid.dim() == 4 else grid  # (B, 49, 1280), row by row
+        x = grid.flatten(2).transpose(1, 2) if grid.dim() == 4 else grid  # (B, 49, 1283), row by row
+        x = x[..., : self.d_in]  # the first 1280 channels for an adapter without the colours
         return self.fc2(F.gelu(self.fc1(self.norm(x))))  # (B, 49, d_model)
 
 
@@ -94,10 +100,10 @@ class Adapter:
     def embed_images(self, images: list, dtype=torch.float32, device="cpu") -> tuple[list[torch.Tensor], list[str]]:
         """Images -> one (49, d_model) embedding block each, and each one's classifier hint ("" if unsure)."""
         pictures = [vision.open_image(im) for im in images]
-        grids, logits = vision.encode(pictures)  # (N, 1280, 7, 7), (N, 1000)
+        grids, logits = vision.encode(pictures)  # (N, 1283, 7, 7), (N, 1000)
         p = next(self.projector.parameters())
         embeds = self.projector(grids.to(p.device, p.dtype)).to(device, dtype)  # (N, 49, d)
-        hints = [classifier_hint(top) if looks_like_photo(im) else ""
+        hints = ["\n".join(h for h in (classifier_hint(top) if looks_like_photo(im) else "", text_in(im)) if h)
                  for im, top in zip(pictures, vision.top_labels(logits, k=3))]
         return list(embeds), hints
 
@@ -111,7 +117,8 @@ class Adapter:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"mmchat": json.dumps(self.meta)})
+        meta = {**self.meta, "d_in": self.projector.d_in}
+        save_file(tensors, str(tmp), metadata={"mmchat": json.dumps(meta)})
         tmp.chmod(0o644)  # readable by everyone, as package data is
         tmp.replace(path)
 
@@ -124,7 +131,7 @@ class Adapter:
                 tensors = {k: f.get_tensor(k).float() for k in f.keys()}
         except (OSError, KeyError, ValueError, SafetensorError) as e:
             raise MMChatError(f"{path} is not an mmchat image adapter ({type(e).__name__})") from None
-        proj = Projector(meta["d_model"], hidden=meta.get("hidden"))
+        proj = Projector(meta["d_model"], d_in=meta.get("d_in", vision.CHANNELS), hidden=meta.get("hidden"))
         proj.load_state_dict({k[len("projector."):]: v for k, v in tensors.items() if k.startswith("projector.")})
         lora = {}
         for k in tensors:
@@ -144,6 +151,21 @@ def looks_like_photo(image, min_colours: int = 64) -> bool:
     from PIL import Image
     colours = image.resize((64, 64), Image.Resampling.NEAREST).getcolors(maxcolors=min_colours)
     return colours is None  # None: more than min_colours distinct colours
+
+
+_no_ocr_said = threading.Event()
+
+
+def text_in(image) -> str:
+    """The OCR line for an image ("" when it has no text). Without the `ocr` extra: "", and a one-line notice the
+    first time."""
+    from . import ocr
+    if not ocr.available():
+        if not _no_ocr_said.is_set():
+            _no_ocr_said.set()
+            logging.getLogger("mmchat.vision").warning(f"text in images is not read: {ocr.missing()}")
+        return ""
+    return ocr.text_hint(ocr.read_text(image))
 
 
 def classifier_hint(top: list[tuple[str, float]]) -> str:

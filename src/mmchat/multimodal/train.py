@@ -37,7 +37,7 @@ class VisionLM(nn.Module):
     def __init__(self, lm: nn.Module, proj: P.Projector, bank: torch.Tensor):
         super().__init__()
         self.lm, self.projector = lm, proj
-        self.bank = bank  # (N, 49, 1280) float16, not a parameter or buffer: never saved, never trained
+        self.bank = bank  # (N, 49, 1283) float16, not a parameter or buffer: never saved, never trained
         self.cfg = lm.cfg
 
     @property
@@ -53,22 +53,33 @@ class VisionLM(nn.Module):
         emb = self.lm.embed(x.masked_fill(img, 0))  # (B, T, d)
         if img.any():
             cell = x[img] - V  # (M,) in row-major order, as masked_scatter fills
-            feats = self.bank[cell // P.IMAGE_TOKENS, cell % P.IMAGE_TOKENS].float()  # (M, 1280)
+            feats = self.bank[cell // P.IMAGE_TOKENS, cell % P.IMAGE_TOKENS].float()  # (M, 1283)
             emb = emb.masked_scatter(img[..., None], self.projector(feats).to(emb.dtype))  # (B, T, d)
         return self.lm(None, None, embeds=emb)  # (B, T, V)
 
 
-def examples(stage: int, split: str, n_scenes: int, seed: int) -> list[tuple[int, str, str]]:
-    """(scene index, question, answer) rows: captions for stage 1; every question kind plus a caption for 2."""
+# stage 2 asks these kinds twice per scene (with two of their phrasings): the model learns shape from a few hundred
+# steps, colour and count much slower
+EXTRA_QUESTIONS = ("colour", "count")
+
+
+def examples(stage: int, split: str, n_scenes: int, seed: int) -> list[tuple[int, str, str, str]]:
+    """(scene index, question, answer, text hint) rows: captions for stage 1; every question kind plus a caption
+    for 2. Half the scenes with a word carry the OCR line after the image, as chat adds it when the `ocr` extra is
+    installed (OCR reads these words exactly, so the true word stands in for it); the other half teach reading the
+    word without it."""
+    from .ocr import text_hint
     rng = random.Random(f"{seed}-{split}-{stage}")
     rows = []
     for i in range(n_scenes):
         s = scenes.make_scene(split, i)
         if not s.clean:
             continue
-        rows.append((i, rng.choice(scenes.CAPTION_PROMPTS), scenes.caption(s)))
+        hint = text_hint([s.word]) if s.word and rng.random() < 0.5 else ""
+        rows.append((i, rng.choice(scenes.CAPTION_PROMPTS), scenes.caption(s), hint))
         if stage == 2:
-            rows += [(i, q, a) for _, q, a in scenes.questions(s, rng)]
+            rows += [(i, q, a, hint) for _, q, a in scenes.questions(s, rng)]
+            rows += [(i, rng.choice(scenes.QUESTIONS[k]), scenes.answer(s, k), hint) for k in EXTRA_QUESTIONS]
     rng.shuffle(rows)
     return rows
 
@@ -85,15 +96,15 @@ class SceneData:
         self.eval = [self._encode(r, eval_offset) for r in rows_eval]
 
     def _encode(self, row, offset: int):
-        scene, question, answer = row
+        scene, question, answer, hint = row
         chat = [{"role": "system", "content": P.IMAGE_SYSTEM},
                 {"role": "user", "content": P.IMAGE_MARK + "\n" + question}]  # as projector.chat_prompt renders
         prompt = self.template.render(chat, add_generation_prompt=True)
         full = self.template.render(chat + [{"role": "assistant", "content": answer}], add_generation_prompt=False)
         if not full.startswith(prompt):
             raise MMChatError("the chat template renders a prompt that the full conversation does not start with")
-        ids_p, starts = P.tokenize_with_images(prompt, self.tok, [])
-        ids, _ = P.tokenize_with_images(full, self.tok, [])
+        ids_p, starts = P.tokenize_with_images(prompt, self.tok, [hint])
+        ids, _ = P.tokenize_with_images(full, self.tok, [hint])
         ends = [i for i in range(len(ids_p), len(ids)) if ids[i] in self.turn_ends]
         ids = ids[: ends[0] + 1] if ends else ids  # the answer and its end-of-turn token, nothing after
         base = self.V + (offset + scene) * P.IMAGE_TOKENS
@@ -167,7 +178,7 @@ def align(stage: int, out: str | Path, cfg, model: str = "smollm2", init: str | 
     eos = tok.id_to_token(tok.eos_token_ids[0]) if tok.eos_token_ids else ""
     template = ChatTemplate(template, bos or "", eos or "")
 
-    proj = P.Projector(lm.cfg.d_model, hidden=hidden)
+    proj = P.Projector(lm.cfg.d_model, hidden=hidden)  # reads vision.FEATURES channels, as the cache holds
     if init:
         start = P.Adapter.load(Path(init) / "adapter.safetensors" if Path(init).is_dir() else init)
         proj.load_state_dict(start.projector.state_dict())
@@ -177,7 +188,7 @@ def align(stage: int, out: str | Path, cfg, model: str = "smollm2", init: str | 
         p.requires_grad_(True)
 
     grids = torch.cat([scene_features("train", n_train, cfg.progress), scene_features("val", n_eval, cfg.progress)])
-    bank = grids.flatten(2).transpose(1, 2).contiguous()  # (N, 49, 1280) float16
+    bank = grids.flatten(2).transpose(1, 2).contiguous()  # (N, 49, 1283) float16
     data = SceneData(tok, template, examples(stage, "train", n_train, cfg.seed),
                      examples(stage, "val", n_eval, cfg.seed)[: cfg.eval_batches * cfg.batch_size],
                      lm.cfg.vocab_size, eval_offset=n_train)

