@@ -114,15 +114,15 @@ def test_fused_step_does_not_depend_on_the_batch_and_generation_follows_the_eage
 @pytest.mark.slow
 def test_smollm2_decodes_through_the_fused_step_within_2_percent_of_float32(smollm2_path):
     """The embedded model as `mmchat chat` loads it (Q4_1 blocks, fused decode step), reading an English text
-    one token per step: perplexity at most 2% above float32's with no quantization, read the same way."""
+    one token per step: perplexity at most 2% above float32's read the same way with no quantization, read the same way."""
     import math
 
     import mmchat
-    from test_quantize import TEXT
+    from importlib.resources import files
     fast = mmchat.load(str(smollm2_path), progress=False)
     assert fast.model.fused_decode is not None
     exact = mmchat.load(str(smollm2_path), progress=False, quant="none", dtype="float32")
-    ids = fast.encode(TEXT)
+    ids = fast.encode(files("mmchat").joinpath("data/tiny_corpus.txt").read_text())[:400]  # English prose
 
     def stepwise_ppl(model):
         model.setup_cache(1, len(ids))
@@ -136,4 +136,4 @@ def test_smollm2_decodes_through_the_fused_step_within_2_percent_of_float32(smol
         return math.exp(nll / (len(ids) - 9))
 
     ratio = stepwise_ppl(fast.model) / stepwise_ppl(exact.model)
-    assert 0.95 < ratio < 1.02, ratio  # no more than 2% worse (on a text this short it can come out lower)
+    assert 0.95 < ratio < 1.02, ratio  # no more than 2% worse (int8 rounding noise can also make it lower)
