@@ -58,6 +58,9 @@ def library() -> ctypes.CDLL | None:
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *flags, _cpu_flags()]).encode()).hexdigest()[:16]
     target = home() / "kernels" / f"qmatmul-{key}.so"
     if not target.exists():
+        if sys.stderr.isatty():  # a person is waiting: say what the pause is (once per machine)
+            print(f"building mmchat's CPU kernels for this machine (once; cached under {target.parent}) ...",
+                  file=sys.stderr, flush=True)
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
