@@ -137,3 +137,24 @@ def test_smollm2_decodes_through_the_fused_step_within_2_percent_of_float32(smol
 
     ratio = stepwise_ppl(fast.model) / stepwise_ppl(exact.model)
     assert 0.95 < ratio < 1.02, ratio  # no more than 2% worse (int8 rounding noise can also make it lower)
+
+
+@pytest.mark.slow
+def test_a_process_without_the_kernels_does_not_reuse_their_converted_weights(smollm2_path, tmp_path):
+    """The converted-weights cache holds the layout of the kernels that made it: a process where mmchat's
+    kernels are off (MMCHAT_KERNELS=torch, as where no compiler is found) converts for torch's kernels and
+    chats, even when an entry made for mmchat's kernels is already there."""
+    import os
+    import subprocess
+    import sys
+    script = ("import mmchat; llm = mmchat.load({path!r}, progress=False); "
+              "print(type(llm.model.layers[0].mlp.w_up).__name__, llm.model.fused_decode is not None); "
+              "print(llm.generate('The capital of France is', max_tokens=4, temperature=0).strip())")
+    env = dict(os.environ, MMCHAT_HOME=str(tmp_path), MMCHAT_THREADS="1")
+    for kernels_env, kind in ((None, "BlockQ4Linear True"), ("torch", "Int4Linear False")):
+        run_env = dict(env, **({"MMCHAT_KERNELS": kernels_env} if kernels_env else {}))
+        out = subprocess.run([sys.executable, "-c", script.format(path=str(smollm2_path))], env=run_env,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        lines = out.stdout.splitlines()
+        assert lines[0] == kind and "Paris" in lines[1], out.stdout

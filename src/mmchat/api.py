@@ -165,6 +165,8 @@ class LLM:
         path = registry.resolve(model, progress=progress)
         dev_type = torch.device(device).type
         variant = f"{dev_type}-{str(dtype or 'auto').removeprefix('torch.')}-{quant}"
+        if dev_type == "cpu" and quant is not None and not kernels.available():
+            variant += "-torch-kernels"  # quantized for torch's kernels: another layout than mmchat's own
         root = registry.home() / "converted"
         hit = weights_cache.load(root, path, variant) if cache else None
         built = _from_cache(*hit, device) if hit is not None else None

@@ -50,15 +50,15 @@ def library() -> ctypes.CDLL | None:
     or MMCHAT_KERNELS=torch)."""
     if os.environ.get("MMCHAT_KERNELS") == "torch" or "avx2" not in _cpu_flags().split():
         return None
-    cc = _compiler()
-    if cc is None:
-        return None
     from .registry import home
     flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *flags, _cpu_flags()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([*flags, _cpu_flags()]).encode()).hexdigest()[:16]
     target = home() / "kernels" / f"qmatmul-{key}.so"
-    if not target.exists():
-        if sys.stderr.isatty():  # a person is waiting: say what the pause is (once per machine)
+    if not target.exists():  # built once per machine; later a compiler is not even needed
+        cc = _compiler()
+        if cc is None:
+            return None
+        if sys.stderr.isatty():  # a person is waiting: say what the pause is
             print(f"building mmchat's CPU kernels for this machine (once; cached under {target.parent}) ...",
                   file=sys.stderr, flush=True)
         target.parent.mkdir(parents=True, exist_ok=True)
