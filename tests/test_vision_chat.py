@@ -27,7 +27,9 @@ def test_shipped_adapter_fits_the_default_model(llm):
 
 @pytest.mark.slow
 def test_held_out_scene_questions(llm):
-    report = evaluate(llm, n_scenes=10, kinds=tuple(FLOORS), progress=False)
+    # 20 scenes: with 8 questions of a kind one flipped answer moves the rate by 12 points (the count answers of
+    # the shipped adapter are fragile: the same weights on torch's kernels and on mmchat's differ by several)
+    report = evaluate(llm, n_scenes=20, kinds=tuple(FLOORS), progress=False)
     for kind, floor in FLOORS.items():
         assert report[kind]["total"] >= 6
         assert report[kind]["accuracy"] >= floor, (kind, report[kind], report["examples"])
