@@ -121,8 +121,10 @@ static void transpose_scales(const float *dx, const float *sx, int i0, int R, in
         }
 }
 
-void q4_matmul(const uint8_t *q4, const float *d, const float *m, const float *x, float *y,
-               int M, int N, int K, int threads) {
+/* y = x W^T for W in 4-bit (bits 4: q, d, m) or 8-bit blocks (bits 8: q, d): the rows of x quantized once, then
+ * every ROWS of them against all of W, output rows split over threads */
+static void block_matmul(int bits, const void *q, const float *d, const float *m, const float *x, float *y,
+                         int M, int N, int K, int threads) {
     int G = K / 32;
     int8_t *xq = scratch((size_t)M * K);
     float *dx = scratch(sizeof(float) * M * G), *sx = scratch(sizeof(float) * M * G);
@@ -133,31 +135,27 @@ void q4_matmul(const uint8_t *q4, const float *d, const float *m, const float *x
         transpose_scales(dx, sx, i0, R, G, dxt, sxt);
         #pragma omp parallel for schedule(static) num_threads(threads)
         for (int n = 0; n < N; n++) {
-#define Q4_CALL(r) q4_row(q4 + (size_t)n * (K / 2), d + (size_t)n * G, m + (size_t)n * G, \
+#define Q4_CALL(r) q4_row((const uint8_t *)q + (size_t)n * (K / 2), d + (size_t)n * G, m + (size_t)n * G, \
                           xq + (size_t)i0 * K, dxt, sxt, y + (size_t)i0 * N + n, N, G, r)
-            FOR_R(R, Q4_CALL)
+#define Q8_CALL(r) q8_row((const int8_t *)q + (size_t)n * K, d + (size_t)n * G, xq + (size_t)i0 * K, dxt, \
+                          y + (size_t)i0 * N + n, N, G, r)
+            if (bits == 4) {
+                FOR_R(R, Q4_CALL)
+            } else {
+                FOR_R(R, Q8_CALL)
+            }
         }
     }
     free(xq); free(dx); free(sx); free(dxt); free(sxt);
 }
 
+void q4_matmul(const uint8_t *q4, const float *d, const float *m, const float *x, float *y,
+               int M, int N, int K, int threads) {
+    block_matmul(4, q4, d, m, x, y, M, N, K, threads);
+}
+
 void q8_matmul(const int8_t *q8, const float *d, const float *x, float *y, int M, int N, int K, int threads) {
-    int G = K / 32;
-    int8_t *xq = scratch((size_t)M * K);
-    float *dx = scratch(sizeof(float) * M * G), *sx = scratch(sizeof(float) * M * G);
-    float *dxt = scratch(sizeof(float) * G * ROWS), *sxt = scratch(sizeof(float) * G * ROWS);
-    quantize_rows(x, M, K, xq, dx, sx);
-    for (int i0 = 0; i0 < M; i0 += ROWS) {
-        int R = M - i0 < ROWS ? M - i0 : ROWS;
-        transpose_scales(dx, sx, i0, R, G, dxt, sxt);
-        #pragma omp parallel for schedule(static) num_threads(threads)
-        for (int n = 0; n < N; n++) {
-#define Q8_CALL(r) q8_row(q8 + (size_t)n * K, d + (size_t)n * G, xq + (size_t)i0 * K, dxt, \
-                          y + (size_t)i0 * N + n, N, G, r)
-            FOR_R(R, Q8_CALL)
-        }
-    }
-    free(xq); free(dx); free(sx); free(dxt); free(sxt);
+    block_matmul(8, q8, d, NULL, x, y, M, N, K, threads);
 }
 
 /* ---- one whole Llama block for a decode step (one new token per sequence) ----------------------------------
