@@ -1,6 +1,6 @@
 """mmchat's own CPU matmuls for weights kept in GGUF's 4- and 8-bit blocks (csrc/qmatmul.c), for the few rows
 of a decode step or a small batch. Built once for this CPU with the system's C compiler (`cc -O3
--march=native`, about a second) into mmchat's cache and loaded with ctypes; where no compiler is found or the
+-march=native`, a few seconds) into mmchat's cache and loaded with ctypes; where no compiler is found or the
 build fails, `available()` is False and torch's own weight-only kernels are used instead.
 
 Why our own: torch's int4 kernel decodes the weights again for every activation row and has no integer dot
