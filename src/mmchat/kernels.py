@@ -117,7 +117,7 @@ def _qlinear(mod) -> _QLinear:
 
 
 def fused_decode_ok(model) -> bool:
-    """Whether `decode_layers` can run this model: a Llama-family float32 model without biases whose block
+    """Whether `FusedDecode` can run this model: a Llama-family float32 model without biases whose block
     projections are all on mmchat's kernels (q4/q8 blocks)."""
     from .quantize import BlockQ4Linear, BlockQ8Linear
     cfg = model.cfg
