@@ -193,6 +193,19 @@ def test_train_vision_smoke(tmp_path, monkeypatch):
 
 
 
+def test_train_vision_init_from_an_adapter_without_cell_colours_says_what_to_do(tmp_path):
+    from mmchat.multimodal.train import align
+    from mmchat.train.loop import TrainConfig
+    old = P.Adapter(P.Projector(64, d_in=vision.CHANNELS, hidden=32).eval(), {},
+                    {"d_model": 64, "n_layer": 2, "vocab_size": 100, "hidden": 32})
+    old.save(tmp_path / "old.safetensors")
+    with pytest.raises(MMChatError) as e:
+        align(2, tmp_path / "run", TrainConfig(max_steps=1, progress=False), model="no-such-model",
+              init=str(tmp_path / "old.safetensors"))
+    msg = str(e.value)
+    assert "\n" not in msg and "1280" in msg and "--stage 1" in msg
+
+
 def test_chat_session_keeps_the_image_for_later_turns(tiny, tmp_path):
     from mmchat.chat.session import Chat
     tiny.vision_adapter = random_adapter(tiny.config, lora=True)

@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from ..errors import MMChatError
 from . import projector as P
-from . import scenes
+from . import scenes, vision
 
 STAGE_DEFAULTS = {  # stage -> (lr, max_steps, batch_size)
     1: (2e-3, 80, 8),
@@ -167,6 +167,11 @@ def align(stage: int, out: str | Path, cfg, model: str = "smollm2", init: str | 
     if stage not in (1, 2):
         raise MMChatError(f"--stage must be 1 or 2 (got {stage})")
     out = Path(out)
+    start = P.Adapter.load(Path(init) / "adapter.safetensors" if Path(init).is_dir() else init) if init else None
+    if start is not None and start.projector.d_in != vision.FEATURES:
+        raise MMChatError(f"{start.path} reads {start.projector.d_in} feature channels per cell, this version "
+                          f"{vision.FEATURES} (the encoder's and the cell's mean colour); train stage 1 again "
+                          "(`mmchat train vision --stage 1`) and start stage 2 from its output, or leave out --init")
     torch.manual_seed(cfg.seed)
     ckpt = load_checkpoint(registry.resolve(model, progress=cfg.progress))
     lm = build_model(ckpt.config, ckpt.tensors, torch.float32)
@@ -179,8 +184,7 @@ def align(stage: int, out: str | Path, cfg, model: str = "smollm2", init: str | 
     template = ChatTemplate(template, bos or "", eos or "")
 
     proj = P.Projector(lm.cfg.d_model, hidden=hidden)  # reads vision.FEATURES channels, as the cache holds
-    if init:
-        start = P.Adapter.load(Path(init) / "adapter.safetensors" if Path(init).is_dir() else init)
+    if start is not None:
         proj.load_state_dict(start.projector.state_dict())
     if stage == 2:
         apply_lora(lm, rank=LORA["rank"], alpha=LORA["alpha"], targets=LORA["targets"], seed=cfg.seed)
