@@ -220,3 +220,33 @@ def test_chat_session_keeps_the_image_for_later_turns(tiny, tmp_path):
     assert chat._image_blocks[0][0] == blocks_turn1[0][0]  # same place: the earlier turns render the same
     with pytest.raises(MMChatError, match="no such image file"):
         chat.send("this one?", images=[str(tmp_path / "missing.png")])
+
+
+def test_image_rows_decode_with_their_lora_on_the_fused_kernels():
+    """On mmchat's fused decode step (quantized models on its own CPU kernels) a batch with image rows takes the
+    module path, so the adapter's LoRA shapes every answer token, not only the first (from the prompt)."""
+    from mmchat import kernels
+    from mmchat import quantize as Q
+    from mmchat.config import ModelConfig
+    from mmchat.model import Transformer
+    if not kernels.available():
+        pytest.skip("mmchat's kernels need an x86-64 CPU with AVX2 and a C compiler")
+    cfg = ModelConfig(arch="llama", vocab_size=160, n_layer=2, d_model=64, n_head=4, n_kv_head=2, d_ff=128,
+                      max_seq_len=64, tie_embeddings=True)
+    torch.manual_seed(0)
+    model = Q.quantize(Transformer(cfg).eval(), "int4")
+    model.fused_decode = kernels.FusedDecode(model)
+    random_adapter(cfg, lora=True).attach_lora(model)
+    prompt, step = torch.randint(0, 160, (1, 6)), torch.tensor([[7]])
+
+    def decode(rows, fused):
+        model.fused_decode, model.adapter_rows = fused, rows
+        with torch.inference_mode():
+            model.setup_cache(1, 16)
+            model(prompt, torch.arange(6)[None])
+            return model(step, torch.tensor([[6]]))[:, -1]  # (1, V)
+
+    fused = model.fused_decode
+    with_lora = decode(torch.tensor([True]), None)  # the module path, LoRA on
+    assert torch.allclose(decode(torch.tensor([True]), fused), with_lora)
+    assert not torch.allclose(decode(None, fused), with_lora, atol=1e-3)  # text rows: fused, no LoRA
