@@ -25,8 +25,9 @@
  * exactly the one with the rounded activations, sum_j w_j x^_j, whose error sum_j w_j (x_j - x^_j) is small
  * because the weights are centred; with the float sum the error would be sum_j d q_j (x_j - x^_j), and q in
  * 0..15 is not centred (measured on SmolLM2: 5x the KL divergence from float32). */
-static void quantize_rows(const float *x, int M, int K, int8_t *xq, float *dx, float *sx) {
+static void quantize_rows(const float *x, int M, int K, int8_t *xq, float *dx, float *sx, int threads) {
     int G = K / 32;
+    #pragma omp parallel for schedule(static) num_threads(threads) if (M > 1)
     for (int i = 0; i < M * G; i++) {
         const float *b = x + (size_t)i * 32;
         float amax = 0.f;
@@ -129,7 +130,7 @@ static void block_matmul(int bits, const void *q, const float *d, const float *m
     int8_t *xq = scratch((size_t)M * K);
     float *dx = scratch(sizeof(float) * M * G), *sx = scratch(sizeof(float) * M * G);
     float *dxt = scratch(sizeof(float) * G * ROWS), *sxt = scratch(sizeof(float) * G * ROWS);
-    quantize_rows(x, M, K, xq, dx, sx);
+    quantize_rows(x, M, K, xq, dx, sx, threads);
     for (int i0 = 0; i0 < M; i0 += ROWS) {
         int R = M - i0 < ROWS ? M - i0 : ROWS;
         transpose_scales(dx, sx, i0, R, G, dxt, sxt);
