@@ -168,14 +168,13 @@ class Sampler:
         """logits: (B, V), one row per entry of `rows` (None: all rows) -> token ids (B,)."""
         ps, generators, _ = self._select(rows)
         logits = self.constrain(self.penalize(logits.float(), rows), rows)
-        greedy = logits.argmax(dim=-1)  # (B,)
-        if all(p.temperature == 0 for p in ps):
-            return greedy
         picked = [i for i, p in enumerate(ps) if p.temperature > 0]
+        if not picked:
+            return logits.argmax(dim=-1)  # (B,)
         if len(picked) < len(ps):  # greedy rows take the argmax; only the others are sampled
             at = torch.tensor(picked, dtype=torch.long, device=logits.device)
-            return greedy.index_copy(0, at, _sample_rows(logits[at], [ps[i] for i in picked],
-                                                         [generators[i] for i in picked]))
+            return logits.argmax(dim=-1).index_copy(0, at, _sample_rows(logits[at], [ps[i] for i in picked],
+                                                                        [generators[i] for i in picked]))
         return _sample_rows(logits, ps, generators)
 
 
@@ -227,7 +226,8 @@ def _sample_rows(logits: torch.Tensor, ps: list[SamplingParams], generators: lis
             sorted_probs, order = probs.sort(dim=-1, descending=True)  # (R, V)
             drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p[rows]
             probs = probs.masked_fill(torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted), 0.0)
-        probs = probs.masked_fill(probs < min_p[rows] * probs.max(-1, keepdim=True).values, 0.0)
+        if any(ps[i].min_p > 0 for i in rows.tolist()):
+            probs = probs.masked_fill(probs < min_p[rows] * probs.max(-1, keepdim=True).values, 0.0)
         out[rows] = _invert_cdf(probs, u[rows])
     return out
 
