@@ -10,14 +10,19 @@ both libraries emulate bf16 matmuls ~10x slower than fp32, so only fp32 runs unl
 ratios compare the training steps, and the last lines compare what each gives by default (mmchat's `auto`,
 which is bf16 autocast on a CPU with bf16 units for a model this size, against HF Trainer's CPU default, fp32).
 With --compile mmchat's blocks run under torch.compile (its --compile); the first step, which compiles, is timed
-apart and shown, and counts as one of the --warmup steps.
+apart and shown, and counts as one of the --warmup steps. The variants mmchat-full-torch and mmchat-lora-torch run
+mmchat with torch's own matmuls (MMCHAT_BLAS=torch) instead of its default choice (mmchat.train.blas).
+--rounds runs every variant that many times, in turn, and takes the median of the rounds; --json writes every
+figure, the machine and its load average to a file.
 Other processes on the machine change the figures, so compare the rows of one run, not runs of different days.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 
@@ -45,7 +50,11 @@ def timed(step, warmup: int, steps: int, tokens: int) -> tuple[tuple[float, floa
     return (statistics.median(speeds), statistics.median(cpu_speeds)), loss
 
 
-def mmchat_variant(folder: str, lora: bool, x, y, args, precision: str) -> tuple[float, float]:
+def mmchat_variant(folder: str, lora: bool, x, y, args, precision: str, blas: str = "") -> tuple[float, float]:
+    if blas:  # the matmul library the Trainer picks (read when it is made)
+        os.environ["MMCHAT_BLAS"] = blas
+    else:
+        os.environ.pop("MMCHAT_BLAS", None)
     import mmchat
     from mmchat.train.loop import Trainer, TrainConfig
     from mmchat.train.lora import apply_lora, lora_state
@@ -111,6 +120,8 @@ def main():
                     help="fp32, bf16 or both (comma-separated); default: both where the CPU has bf16 units, else fp32")
     ap.add_argument("--compile", action="store_true", help="mmchat's --compile: each block under torch.compile")
     ap.add_argument("--only", default="mmchat-full,hf-full,mmchat-lora,hf-peft-lora")
+    ap.add_argument("--rounds", type=int, default=1, help="run every variant this many times, in turn")
+    ap.add_argument("--json", default="", help="write the figures, the machine and the load average here")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -125,7 +136,8 @@ def main():
     from mmchat.train.export import write_hf
     base = mmchat.load(args.model, dtype=torch.float32, quant=None, progress=False)
     x, y = rows(base.config.vocab_size, args.batch, args.seq)
-    results = {}
+    rounds: list[dict] = []
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         folder = f"{tmp}/hf"
         write_hf(base, folder)  # one fp32 copy of the weights that both libraries load
@@ -133,24 +145,57 @@ def main():
         variants = {"mmchat-full": lambda p: mmchat_variant(folder, False, x, y, args, p),
                     "hf-full": lambda p: hf_variant(folder, False, x, y, args, p),
                     "mmchat-lora": lambda p: mmchat_variant(folder, True, x, y, args, p),
-                    "hf-peft-lora": lambda p: hf_variant(folder, True, x, y, args, p)}
-        for precision in args.precision.split(","):
-            for name in args.only.split(","):
-                results[name, precision], loss = variants[name](precision)
-                wall, cpu = results[name, precision]
-                print(f"{name:<14} {precision:<5} {wall:8.1f} tok/s {cpu:8.1f} tok/CPU-s   last loss {loss:.4f}",
-                      flush=True)
-    print(f"\nbatch {args.batch} x {args.seq}, {torch.get_num_threads()} threads, median of {args.steps} steps, "
-          f"mmchat {'compiled' if args.compile else 'eager'}")
+                    "hf-peft-lora": lambda p: hf_variant(folder, True, x, y, args, p),
+                    "mmchat-full-torch": lambda p: mmchat_variant(folder, False, x, y, args, p, blas="torch"),
+                    "mmchat-lora-torch": lambda p: mmchat_variant(folder, True, x, y, args, p, blas="torch")}
+        for r in range(args.rounds):
+            figures = {}
+            for precision in args.precision.split(","):
+                for name in args.only.split(","):
+                    (wall, cpu), loss = variants[name](precision)
+                    figures[name, precision] = {"tok_s": wall, "tok_cpu_s": cpu, "last_loss": loss,
+                                                "load_avg": os.getloadavg()[0]}
+                    print(f"{name:<17} {precision:<5} {wall:8.1f} tok/s {cpu:8.1f} tok/CPU-s   last loss {loss:.4f}"
+                          + (f"   (round {r + 1})" if args.rounds > 1 else ""), flush=True)
+            rounds.append(figures)
+    # the median over rounds of each figure
+    results = {key: (statistics.median(f[key]["tok_s"] for f in rounds),
+                     statistics.median(f[key]["tok_cpu_s"] for f in rounds)) for key in rounds[0]}
+    print(f"\nbatch {args.batch} x {args.seq}, {torch.get_num_threads()} threads, median of {args.steps} steps"
+          f"{f' and of {args.rounds} rounds' if args.rounds > 1 else ''}, mmchat {'compiled' if args.compile else 'eager'}")
     from mmchat.train.loop import use_bf16
     auto = "bf16" if use_bf16("auto", torch.device("cpu"), 135_000_000) else "fp32"
-    for kind, ours, theirs in (("full", "mmchat-full", "hf-full"), ("lora", "mmchat-lora", "hf-peft-lora")):
-        for p_ours, p_theirs, label in [(p, p, p) for p in args.precision.split(",")] + [
-                (auto, "fp32", f"defaults: mmchat auto ({auto}) vs HF fp32")]:
+    ratios = {}
+    for kind, ours, theirs in (("full", "mmchat-full", "hf-full"), ("lora", "mmchat-lora", "hf-peft-lora"),
+                               ("full, torch's matmuls", "mmchat-full-torch", "hf-full"),
+                               ("lora, torch's matmuls", "mmchat-lora-torch", "hf-peft-lora")):
+        for p_ours, p_theirs, label in [(p, p, p) for p in args.precision.split(",")] + ([] if "torch" in kind else [
+                (auto, "fp32", f"defaults: mmchat auto ({auto}) vs HF fp32")]):
             if (ours, p_ours) in results and (theirs, p_theirs) in results:
                 (a, a_cpu), (b, b_cpu) = results[ours, p_ours], results[theirs, p_theirs]
-                print(f"{kind} {label}: mmchat {a:.1f} tok/s, HF {b:.1f} tok/s, {a / b:.2f}x "
-                      f"(per CPU-second {a_cpu / b_cpu:.2f}x)")
+                # the median of each round's ratio: the two sides of a round ran minutes apart, under like load
+                ratio, cpu_ratio = (statistics.median(f[ours, p_ours][k] / f[theirs, p_theirs][k] for f in rounds)
+                                    for k in ("tok_s", "tok_cpu_s"))
+                print(f"{kind} {label}: mmchat {a:.1f} tok/s, HF {b:.1f} tok/s, {ratio:.2f}x "
+                      f"(per CPU-second {cpu_ratio:.2f}x)")
+                ratios[f"{kind} {label}"] = {"tok_s": ratio, "tok_cpu_s": cpu_ratio}
+    if args.json:
+        info = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+        cpu_name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                        "")
+        flags = next((line for line in info.splitlines() if line.startswith("flags")), "") + " "
+        with open(args.json, "w") as f:
+            json.dump({"command": "python benchmarks/train_speed.py " + " ".join(sys.argv[1:]),
+                       "machine": {"cpu": cpu_name, "cpus": os.cpu_count(), "avx2": " avx2 " in flags,
+                                   "avx512f": " avx512f " in flags, "avx512_bf16": " avx512_bf16 " in flags,
+                                   "torch": torch.__version__},
+                       "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
+                       "threads": torch.get_num_threads(), "batch": args.batch, "seq": args.seq,
+                       "steps": args.steps, "warmup": args.warmup,
+                       "rounds": [{f"{n} {p}": v for (n, p), v in r.items()} for r in rounds],
+                       "median": {f"{n} {p}": {"tok_s": w, "tok_cpu_s": c} for (n, p), (w, c) in results.items()},
+                       "ratios": ratios}, f, indent=1)
+        print(f"figures written to {args.json}")
 
 
 if __name__ == "__main__":

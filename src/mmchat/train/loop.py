@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from ..errors import MMChatError
 from ..quantize import FAST_PATH_MIN_PARAMS, cpu_has_bf16
+from .blas import BlasLinears, use_openblas
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -270,6 +271,8 @@ class Trainer:
         self.model = model.to(self.device)
         self.frozen_casts = FrozenCasts(model) if self.bf16 else None
         self.compiled = cfg.compile and compile_blocks(model)
+        # the training forward's Linear matmuls through numpy's OpenBLAS where torch's MKL is slower (AMD CPUs)
+        self.blas = BlasLinears(model) if use_openblas(self.device, self.bf16, self.compiled) else None
         self.state_fn = state_fn or (lambda m: m.state_dict())
         self.load_state_fn = load_state_fn or (lambda m, sd: m.load_state_dict(sd))
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -451,7 +454,7 @@ class Trainer:
 
     def _nll_sum(self, x, y, mask):
         """-sum log p(y | x) over the positions where mask is true, with gradients."""
-        with self._autocast():
+        with self._autocast(), self.blas.swapped() if self.blas else contextlib.nullcontext():
             logits = self.ddp_model(x)  # (B, T, V)
         nll = ChunkedNLL.apply(logits.flatten(0, 1), y.flatten())  # (B*T,) float32
         return (nll * mask.flatten()).sum()

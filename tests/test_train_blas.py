@@ -1,0 +1,98 @@
+"""The training step's Linear matmuls through numpy's OpenBLAS (mmchat.train.blas) give torch's values and
+gradients within float32 rounding, train the same curve, and leave the model as it was."""
+import contextlib
+from importlib import resources
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmchat.config import CONFIGS
+from mmchat.errors import MMChatError
+from mmchat.model import Transformer
+from mmchat.train.blas import BlasLinears, blas_linear, numpy_openblas, use_openblas
+from mmchat.train.loop import ChunkedNLL, TrainConfig
+from mmchat.train.lora import apply_lora
+from mmchat.train.pretrain import pretrain
+
+CORPUS = str(resources.files("mmchat") / "data" / "tiny_corpus.txt")
+pytestmark = pytest.mark.skipif(numpy_openblas() is None, reason="numpy is not built with OpenBLAS here")
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_blas_linear_matches_f_linear(bias):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 50, 96, generator=g)[:, ::2].requires_grad_()  # (3, 25, 96), not contiguous
+    w = torch.randn(80, 96, generator=g).requires_grad_()  # (out, in)
+    b = torch.randn(80, generator=g).requires_grad_() if bias else None
+    dy = torch.randn(3, 25, 80, generator=g)  # (3, 25, out)
+    ours = blas_linear(x, w, b)
+    grads_ours = torch.autograd.grad((ours * dy).sum(), [x, w] + ([b] if bias else []))
+    ref = F.linear(x, w, b)
+    grads_ref = torch.autograd.grad((ref * dy).sum(), [x, w] + ([b] if bias else []))
+    assert ours.shape == ref.shape and torch.allclose(ours, ref, rtol=1e-5, atol=1e-5)
+    for a, r in zip(grads_ours, grads_ref):
+        assert torch.allclose(a, r, rtol=1e-5, atol=1e-4)
+
+
+def test_frozen_weight_gets_no_gradient_product():
+    x = torch.randn(8, 16, requires_grad=True)
+    w = torch.randn(4, 16)  # frozen, as LoRA's base weights
+    y = blas_linear(x, w)
+    y.sum().backward()
+    assert w.grad is None and torch.allclose(x.grad, w.sum(0).expand(8, 16), atol=1e-5)
+
+
+def nll_and_grads(model, x, y, blas: bool):
+    model.zero_grad(set_to_none=True)
+    with BlasLinears(model).swapped() if blas else contextlib.nullcontext():
+        logits = model(x)  # (B, T, V)
+    loss = ChunkedNLL.apply(logits.flatten(0, 1), y.flatten()).mean()
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_swapped_model_gives_torch_loss_and_gradients(lora):
+    """A whole llama-style model (tied head, fused Q/K/V and gate/up): the same loss and parameter gradients with
+    the swapped matmuls as with torch's, and afterwards the modules are the plain ones again."""
+    torch.manual_seed(0)
+    model = Transformer(CONFIGS["tiny"]).train()
+    if lora:
+        apply_lora(model, rank=4, alpha=8, targets="q,k,v,o")
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data.normal_(0, 0.05)  # B = 0 at the start would hide the adapters' gradients
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = torch.randint(0, 512, (2, 2, 40)).unbind(0)  # (B, T) each
+    loss_ref, grads_ref = nll_and_grads(model, x, y, blas=False)
+    loss_ours, grads_ours = nll_and_grads(model, x, y, blas=True)
+    assert loss_ours == pytest.approx(loss_ref, rel=1e-6)
+    assert grads_ours.keys() == grads_ref.keys() and len(grads_ref) > 0
+    for name, g in grads_ref.items():
+        assert torch.allclose(grads_ours[name], g, rtol=1e-4, atol=1e-6), name
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert not any("forward" in vars(m) for m in model.modules())  # the swap is undone
+
+
+def test_training_curve_matches_torch_matmuls(tmp_path, monkeypatch):
+    cfg = dict(max_steps=4, batch_size=4, seq_len=32, lr=3e-3, min_lr=3e-4, warmup_steps=1, eval_every=0,
+               eval_batches=2, save_every=0, progress=False, seed=7)
+    monkeypatch.setenv("MMCHAT_BLAS", "torch")
+    ref = pretrain("tiny", [CORPUS], tmp_path / "torch", TrainConfig(**cfg))
+    monkeypatch.setenv("MMCHAT_BLAS", "openblas")
+    ours = pretrain("tiny", [CORPUS], tmp_path / "openblas", TrainConfig(**cfg))
+    assert [h["loss"] for h in ours["history"]] == pytest.approx([h["loss"] for h in ref["history"]], rel=1e-5)
+
+
+def test_choice(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("MMCHAT_BLAS", "openblas")
+    assert use_openblas(cpu, bf16=False, compiled=False)
+    assert not use_openblas(cpu, bf16=True, compiled=False)  # autocast's bf16 matmuls stay torch's
+    assert not use_openblas(cpu, bf16=False, compiled=True)
+    monkeypatch.setenv("MMCHAT_BLAS", "torch")
+    assert not use_openblas(cpu, bf16=False, compiled=False)
+    monkeypatch.setenv("MMCHAT_BLAS", "mkl")
+    with pytest.raises(MMChatError, match="MMCHAT_BLAS must be auto, torch or openblas"):
+        use_openblas(cpu, bf16=False, compiled=False)
