@@ -10,15 +10,15 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-import torch.nn as nn
 
 from . import registry
 from .chat.template import ChatTemplate
 from .errors import MMChatError
 from .engine import Engine
+from .formats.gguf import forget_readers
 from .formats.load import load_checkpoint
 from .generate import SamplingParams, generate, with_seed_offset
-from .model import Transformer
+from .model import Transformer, empty_model
 from .tokenizer import StreamDecoder, Tokenizer
 
 # Settings that keep a small chat model on topic and out of loops (greedy answers of SmolLM2 repeat themselves).
@@ -39,9 +39,8 @@ class Completion:
 
 
 def build_model(config, tensors: dict[str, torch.Tensor], dtype=torch.float32, device="cpu") -> Transformer:
-    """Our Transformer with the checkpoint's tensors, built on the meta device and filled without copies."""
-    with torch.device("meta"):
-        model = Transformer(config)
+    """Our Transformer with the checkpoint's tensors, built without initializing and filled without copies."""
+    model = empty_model(config)
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in tensors.items()},
                           strict=False, assign=True)
     if config.tie_embeddings:
@@ -57,20 +56,6 @@ def _cache_meta(model: Transformer, tok: Tokenizer, template: str | None, dtype,
             "bos_token_id": tok.bos_token_id, "eos_token_ids": tok.eos_token_ids, "add_bos": tok.add_bos}
 
 
-def _uninitialized(cfg) -> Transformer:
-    """Our Transformer with allocated but untouched weights (no random init, no RSS): every tensor is replaced
-    on load. Not the meta device: its first use imports torch's compiler stack, seconds on a small CPU."""
-    skipped = (nn.Linear, nn.Embedding, nn.LayerNorm)
-    saved = [c.reset_parameters for c in skipped]
-    for c in skipped:
-        c.reset_parameters = lambda self: None
-    try:
-        return Transformer(cfg)
-    finally:
-        for c, f in zip(skipped, saved):
-            c.reset_parameters = f
-
-
 def _from_cache(meta: dict, tensors: dict[str, torch.Tensor], device):
     """The model, tokenizer and chat template from a converted-weights cache entry (tensors memory-mapped),
     or None when the entry does not fill the model."""
@@ -80,7 +65,7 @@ def _from_cache(meta: dict, tensors: dict[str, torch.Tensor], device):
     from .config import ModelConfig
     cfg = ModelConfig(**meta["config"])
     dtype = quantize.DTYPES[meta["dtype"]]
-    model = _uninitialized(cfg)
+    model = empty_model(cfg)
     if meta["quant"]:
         quantize.restructure(model, meta["kinds"], dtype, "meta")
     model.load_state_dict({k: v.to(device) for k, v in tensors.items()}, strict=False, assign=True)
@@ -187,6 +172,7 @@ class LLM:
             if cache and net.cfg.n_params >= quantize.FAST_PATH_MIN_PARAMS:  # small ones convert in no time
                 weights_cache.save(root, path, variant, quantize.state_dict_to_save(net),
                                    _cache_meta(net, tok, template, dtype, quant))
+            forget_readers()
         bos = tok.id_to_token(tok.bos_token_id) if tok.bos_token_id is not None else ""
         eos = tok.id_to_token(tok.eos_token_ids[0]) if tok.eos_token_ids else ""
         llm = cls(net, tok, ChatTemplate(template, bos or "", eos or ""),

@@ -308,3 +308,18 @@ class Transformer(nn.Module):
         if output_index is not None:
             x = x[torch.arange(B, device=x.device), output_index][:, None]  # (B, 1, d)
         return self.lm_head(self.norm(x))  # (B, T, V)
+
+
+def empty_model(cfg: ModelConfig) -> Transformer:
+    """A Transformer whose weights are allocated but not initialized (no random init, no memory touched), for a
+    loader that replaces every tensor. Not the meta device: its first use imports torch's compiler stack,
+    seconds on a small CPU."""
+    skipped = (nn.Linear, nn.Embedding, nn.LayerNorm)
+    saved = [c.reset_parameters for c in skipped]
+    for c in skipped:
+        c.reset_parameters = lambda self: None
+    try:
+        return Transformer(cfg)
+    finally:
+        for c, f in zip(skipped, saved):
+            c.reset_parameters = f

@@ -1,6 +1,9 @@
 """GGUF reading through the `gguf` package: metadata -> ModelConfig, tensors -> our names (dequantized)."""
 from __future__ import annotations
 
+import functools
+import os
+
 import numpy as np
 import torch
 
@@ -17,12 +20,26 @@ GGUF_ARCHS = {"llama": ("llama", False, True), "mistral": ("llama", False, True)
 
 
 def open_gguf(path: str):
-    import gguf
+    """The file's reader. The last one opened is kept (until `forget_readers`): parsing the header of a model
+    with a 49k-token vocabulary takes seconds, and one load reads the config, the tokenizer, the tensors and
+    their block types."""
     try:
-        return gguf.GGUFReader(path)
+        stat = os.stat(path)
+        return _reader(str(path), stat.st_size, stat.st_mtime_ns)
     except Exception as e:  # the reader raises ValueError, struct errors, IndexError... on damaged files
         raise MMChatError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); "
                           "download it again or check the path") from None
+
+
+@functools.lru_cache(maxsize=1)
+def _reader(path: str, size: int, mtime_ns: int):  # size and mtime: a file replaced in place is read again
+    import gguf
+    return gguf.GGUFReader(path)
+
+
+def forget_readers():
+    """Drop the kept reader (its parsed header holds tens of MB)."""
+    _reader.cache_clear()
 
 
 def field(reader, key, default=None):
