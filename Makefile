@@ -32,7 +32,7 @@ speech-tools:
 	  echo "espeak-ng is not installed and could not be: the espeak voice's tests will be skipped"
 
 test: $(VENV)/.installed browser speech-tools
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not slow"
