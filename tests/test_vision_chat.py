@@ -8,8 +8,9 @@ from mmchat.multimodal.train import evaluate
 
 skdata = pytest.importorskip("skimage.data", reason="scikit-image (the 'test' extra) has the real photos")
 
-# floors under the accuracies measured on 40 held-out scenes (colour 35%, shape 100%, count 59%; greedy answers)
-FLOORS = {"colour": 0.2, "shape": 0.8, "count": 0.3}
+# floors under the accuracies measured on 40 held-out scenes through mmchat's kernels (colour 89%, shape 100%,
+# count 81%; greedy answers), with room for three or four flipped answers of the ~18 per kind asked here
+FLOORS = {"colour": 0.7, "shape": 0.9, "count": 0.6}
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +28,7 @@ def test_shipped_adapter_fits_the_default_model(llm):
 
 @pytest.mark.slow
 def test_held_out_scene_questions(llm):
-    # 20 scenes: with 8 questions of a kind one flipped answer moves the rate by 12 points (the count answers of
-    # the shipped adapter are fragile: the same weights on torch's kernels and on mmchat's differ by several)
+    # 20 scenes: about 18 questions of each kind, so one flipped answer moves the rate by 6 points
     report = evaluate(llm, n_scenes=20, kinds=tuple(FLOORS), progress=False)
     for kind, floor in FLOORS.items():
         assert report[kind]["total"] >= 6
