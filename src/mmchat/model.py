@@ -277,7 +277,10 @@ class Transformer(nn.Module):
             input_pos = torch.arange(T, device=x.device).expand(B, T)  # (B, T)
         if self.pos_embeddings is not None:
             x = x + self.pos_embeddings(input_pos)  # (B, T, d)
+        # rows that carry an image take the module path: the image adapter's low-rank update (RowLoRA) wraps
+        # modules that the fused blocks do not call
         if self.fused_decode is not None and T == 1 and self.cache_len and hidden_states is None \
+                and getattr(self, "adapter_rows", None) is None \
                 and not any(layer.attn.use_reference for layer in self.layers):
             x = self.fused_decode(x, input_pos, cache_rows)  # (B, 1, d): every block in one call per layer
             if output_index is not None:

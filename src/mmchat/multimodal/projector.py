@@ -74,23 +74,6 @@ class RowLoRA(nn.Module):
         return y + delta * rows.to(x.dtype)[:, None, None]
 
 
-class FusedUnlessImageRows:
-    """A model's fused decode step (kernels.FusedDecode: whole quantized blocks in one call each, on mmchat's own
-    CPU kernels) calls the blocks' weights directly, past RowLoRA. Batches with image rows run their blocks module
-    by module instead, so the LoRA shapes every answer token, not only the first (which the prompt's pass makes)."""
-
-    def __init__(self, fused, model: nn.Module):
-        self.fused, self._model = fused, [model]  # a list: the model is not this object's submodule
-
-    def __call__(self, x: torch.Tensor, input_pos: torch.Tensor, cache_rows: torch.Tensor | None) -> torch.Tensor:
-        model = self._model[0]
-        if getattr(model, "adapter_rows", None) is None:
-            return self.fused(x, input_pos, cache_rows)  # (B, 1, d)
-        hidden = []  # asking for the residual stream makes the model take its module-by-module path
-        model(None, input_pos, cache_rows=cache_rows, embeds=x, hidden_states=hidden)
-        return hidden[-1]  # (B, 1, d): after the last block
-
-
 @dataclass
 class Adapter:
     """The projector (and LoRA factors) that let one language model read images."""
@@ -110,9 +93,6 @@ class Adapter:
             base = base.base if isinstance(base, RowLoRA) else base
             dev = next(model.parameters()).device
             setattr(parent, child, RowLoRA(base, A.to(dev), B.to(dev), model))
-        fused = getattr(model, "fused_decode", None)
-        if fused is not None and not isinstance(fused, FusedUnlessImageRows):
-            model.fused_decode = FusedUnlessImageRows(fused, model)
         model._vision_lora = self
         model.adapter_rows = None
 
