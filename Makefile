@@ -38,7 +38,7 @@ test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not slow"
 
 # the shipped vision adapter for the embedded model (src/mmchat/multimodal/weights/smollm2-vision.safetensors),
-# trained again from nothing with the commands it was made with (about 2 hours on one core; scenes encoded once
+# trained again from nothing with the commands it was made with (about 2.5 hours on one core; scenes encoded once
 # and cached); benchmarks/RESULTS-vision.md has its held-out accuracy and how to measure it
 VISION := $(VENV)/bin/mmchat train vision --scenes 1600 --eval-scenes 60 --threads 1 --warmup-steps 10 \
 	--eval-every 0 --eval-batches 4
@@ -46,7 +46,8 @@ vision-adapter: $(VENV)/.installed
 	$(VISION) --stage 1 --out runs/vision1 --max-steps 80 --stop-at 51
 	$(VISION) --stage 2 --init runs/vision1 --out runs/vision2 --max-steps 110
 	$(VISION) --stage 2 --out runs/vision2 --resume --max-steps 260 --stop-at 233
-	$(VISION) --stage 2 --out runs/vision2 --resume --max-steps 420 --ship
+	$(VISION) --stage 2 --out runs/vision2 --resume --max-steps 420
+	$(VISION) --stage 2 --out runs/vision2 --resume --max-steps 560 --ship
 
 clean:
 	rm -rf $(VENV)
