@@ -1,5 +1,6 @@
 """The training loop: pretraining learns, resume continues exactly, accumulation and DDP give the same curve as one
-big batch, checkpoints survive kill -9, Ctrl-C saves, and bad settings fail with one line."""
+big batch, checkpoints survive kill -9, Ctrl-C saves, bad settings fail with one line, and the head and the loss
+run only where the loss mask is true with the values and gradients of the whole logits, masked."""
 import os
 import signal
 import subprocess
@@ -11,9 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
+import torch.nn.functional as F
+
 from mmchat.cli import main
+from mmchat.config import CONFIGS
 from mmchat.errors import MMChatError
-from mmchat.train.loop import ChunkedNLL, TrainConfig, atomic_save, load_checkpoint_file
+from mmchat.model import Transformer
+from mmchat.train.blas import numpy_openblas
+from mmchat.train.loop import ChunkedNLL, Trainer, TrainConfig, atomic_save, load_checkpoint_file
+from mmchat.train.lora import apply_lora
 from mmchat.train.pretrain import pretrain
 
 CORPUS = str(resources.files("mmchat") / "data" / "tiny_corpus.txt")
@@ -227,3 +234,94 @@ def test_chunked_nll_matches_cross_entropy(dtype):
     rtol = 1e-4 if dtype == torch.float32 else 2 ** -6
     assert torch.allclose(grad_ours.float(), logits.grad.float(), rtol=rtol, atol=1e-7)
     assert torch.equal(logits.detach(), before)
+
+
+class FixedRows:
+    """The loop's data: the same batch at every step and for eval."""
+
+    def __init__(self, x, y, mask):
+        self.batch = (x, y, mask)
+
+    def train_batch(self, step, micro, n_micro, batch_size, rank=0, world=1):
+        return self.batch
+
+    def eval_batches(self, n, batch_size):
+        yield self.batch
+
+
+def tiny_llama(lora: bool) -> Transformer:
+    """A random llama-style model with the head tied to the embeddings, LoRA adapters not zero when asked for."""
+    torch.manual_seed(0)
+    model = Transformer(CONFIGS["tiny"]).train()
+    assert model.lm_head.weight is model.tok_embeddings.weight
+    if lora:
+        apply_lora(model, rank=4, alpha=8, targets="q,k,v,o,down")
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data.normal_(0, 0.05)  # B = 0 at the start would hide the adapters' gradients
+    return model
+
+
+def grads_of(model, loss) -> dict:
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("blas", ["torch", "openblas"])
+@pytest.mark.parametrize("lora", [False, True])
+def test_head_and_loss_only_at_loss_positions_match_full_logits_masked(tmp_path, monkeypatch, lora, blas):
+    """The loop's loss (head and loss at the masked positions only) and every gradient equal the whole logits'
+    cross entropy times the mask, summed, within float32 rounding; eval gives its mean. One row carries no loss."""
+    if blas == "openblas" and numpy_openblas() is None:
+        pytest.skip("numpy is not built with OpenBLAS here")
+    monkeypatch.setenv("MMCHAT_BLAS", blas)
+    model = tiny_llama(lora)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, 512, (2, 3, 40), generator=g).unbind(0)  # (B, T) each
+    mask = torch.rand(3, 40, generator=g) < 0.4  # (B, T), as an assistant-only mask
+    mask[1] = False
+    cfg = TrainConfig(batch_size=3, seq_len=40, device="cpu", progress=False)
+    trainer = Trainer(model, FixedRows(x, y, mask), cfg, tmp_path, meta={})
+    assert (trainer.blas is not None) == (blas == "openblas")
+    with torch.no_grad():
+        kept = model(x, keep=mask)  # (N, V)
+        assert kept.shape == (int(mask.sum()), 512) and torch.allclose(kept, model(x)[mask], atol=1e-5)
+    ours = trainer._nll_sum(x, y, mask)
+    grads_ours = grads_of(model, ours)
+    logits = model(x)  # (B, T, V): the head at every position
+    ref = (F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none") * mask.flatten()).sum()
+    grads_ref = grads_of(model, ref)
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert grads_ours.keys() == grads_ref.keys() and len(grads_ref) > 0
+    for name, grad in grads_ref.items():
+        assert torch.allclose(grads_ours[name], grad, rtol=1e-4, atol=1e-6), name
+    assert trainer.evaluate() == pytest.approx(ref.item() / int(mask.sum()), rel=1e-5)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_micro_batch_without_loss_positions_under_ddp(tmp_path, monkeypatch, lora):
+    """A batch where no position carries loss: loss 0 and every trainable parameter gets a zero gradient (none left
+    out), so DDP, which checks at the next forward that every parameter took part in the last backward, goes on;
+    here one process under DDP (gloo), which makes the same check."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    monkeypatch.setenv("MMCHAT_BLAS", "torch")
+    model = tiny_llama(lora)
+    x, y = torch.randint(0, 512, (2, 2, 24), generator=torch.Generator().manual_seed(2)).unbind(0)  # (B, T)
+    none = torch.zeros(2, 24, dtype=torch.bool)
+    data = FixedRows(x, y, none)
+    trainer = Trainer(model, data, TrainConfig(batch_size=2, seq_len=24, device="cpu", progress=False), tmp_path, {})
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        trainer.ddp_model = DDP(model)
+        loss = trainer._nll_sum(x, y, none)
+        grads = grads_of(trainer.ddp_model, loss)
+        assert loss.item() == 0 and len(grads) == sum(p.requires_grad for p in model.parameters())
+        assert all(torch.count_nonzero(g) == 0 for g in grads.values())
+        assert [trainer._train_step(s)["loss"] for s in range(2)] == [0.0, 0.0]
+        data.batch = (x, y, torch.rand(2, 24, generator=torch.Generator().manual_seed(3)) < 0.5)
+        assert trainer._train_step(2)["loss"] > 0  # and training goes on
+    finally:
+        dist.destroy_process_group()
+    assert trainer.evaluate() > 0

@@ -264,12 +264,13 @@ class Transformer(nn.Module):
         return self.tok_embeddings(tokens)  # (B, T, d)
 
     def forward(self, tokens=None, input_pos=None, embeds=None, output_index=None, cache_rows=None,
-                hidden_states: list | None = None):
+                hidden_states: list | None = None, keep=None):
         """tokens: (B, T) ids, or embeds: (B, T, d). input_pos: (B, T) positions; None means 0..T-1.
         With a cache set up, keys/values are written at input_pos and every query sees the cached slots at or
         before its own position; `cache_rows` (B,) picks which cache rows the batch rows use (default 0..B-1).
         Returns logits (B, T, V), or (B, 1, V) at one position per row when
-        `output_index` (B,) is given. If `hidden_states` is a list, the residual stream after each block is
+        `output_index` (B,) is given, or (N, V) at the N positions where `keep` (B, T) bool is true (training: the
+        head runs only where there is loss). If `hidden_states` is a list, the residual stream after each block is
         appended to it (for the logit lens)."""
         x = self.embed(tokens) if embeds is None else embeds  # (B, T, d)
         B, T, _ = x.shape
@@ -310,6 +311,8 @@ class Transformer(nn.Module):
                 hidden_states.append(x)
         if output_index is not None:
             x = x[torch.arange(B, device=x.device), output_index][:, None]  # (B, 1, d)
+        elif keep is not None:
+            x = x[keep]  # (N, d)
         return self.lm_head(self.norm(x))  # (B, T, V)
 
 

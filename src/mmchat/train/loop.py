@@ -346,10 +346,11 @@ class Trainer:
         with torch.no_grad():
             for x, y, mask in self.data.eval_batches(self.cfg.eval_batches, self.cfg.batch_size):
                 x, y, mask = x.to(self.device), y.to(self.device), mask.to(self.device)
+                keep = None if mask.all() else mask  # see _nll_sum
                 with self._autocast():
-                    logits = self.model(x)  # (B, T, V)
-                nll = ChunkedNLL.apply(logits.flatten(0, 1), y.flatten())  # (B*T,)
-                total += nll[mask.flatten()].sum().item()
+                    logits = self.model(x, keep=keep)  # (B, T, V) or (N, V)
+                nll = ChunkedNLL.apply(logits.flatten(0, -2), y.flatten() if keep is None else y[keep])  # (N,)
+                total += nll.sum().item()
                 count += int(mask.sum())
         self.model.train()
         return total / max(count, 1)
@@ -453,11 +454,15 @@ class Trainer:
         return {"step": self.step, "history": self.history, "evals": self.evals, "stopped": self.stop_requested}
 
     def _nll_sum(self, x, y, mask):
-        """-sum log p(y | x) over the positions where mask is true, with gradients."""
+        """-sum log p(y | x) over the positions where mask (B, T) bool is true, with gradients. The final norm, the
+        head and the loss run only at those positions (in SFT the prompts carry no loss); where every position
+        carries loss (pretraining) the model runs as it is, without picking rows. With none, the sum is 0 and every
+        parameter still gets its (zero) gradient, as DDP needs: the N = 0 rows stay in the graph."""
+        keep = None if mask.all() else mask  # (B, T) bool
         with self._autocast(), self.blas.swapped() if self.blas else contextlib.nullcontext():
-            logits = self.ddp_model(x)  # (B, T, V)
-        nll = ChunkedNLL.apply(logits.flatten(0, 1), y.flatten())  # (B*T,) float32
-        return (nll * mask.flatten()).sum()
+            logits = self.ddp_model(x, keep=keep)  # (B, T, V), or (N, V) at the kept positions
+        targets = y.flatten() if keep is None else y[keep]  # (N,)
+        return ChunkedNLL.apply(logits.flatten(0, -2), targets).sum()  # (N,) float32, summed
 
     def _train_step(self, step: int) -> dict:
         cfg, t0 = self.cfg, time.perf_counter()
