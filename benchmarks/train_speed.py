@@ -14,6 +14,12 @@ apart and shown, and counts as one of the --warmup steps. The variants mmchat-fu
 mmchat with torch's own matmuls (MMCHAT_BLAS=torch) instead of its default choice (mmchat.train.blas).
 --rounds runs every variant that many times, in turn, and takes the median of the rounds; --json writes every
 figure, the machine and its load average to a file.
+--data chooses the rows: `random` (the default) random token ids with every position scored, as in pretraining;
+`shop` the shipped shop dialogues (mmchat/data/shop_support.jsonl) rendered with the model's chat template and
+packed as `mmchat train sft` does (mmchat's load_chats, render_chat, pack_chats; the first --batch rows), where
+only assistant tokens carry loss: mmchat trains with that loss mask (its head and loss run only at those
+positions), HF gets the other positions as labels -100 and computes its loss as HF Trainer does, over the whole
+logits with F.cross_entropy(..., ignore_index=-100). Both losses are the mean over the same positions.
 Other processes on the machine change the figures, so compare the rows of one run, not runs of different days.
 """
 from __future__ import annotations
@@ -33,7 +39,21 @@ import torch.nn.functional as F
 def rows(vocab: int, batch: int, seq: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, seq + 1), generator=g)  # (B, T+1)
-    return ids[:, :-1], ids[:, 1:]
+    return ids[:, :-1], ids[:, 1:], torch.ones(batch, seq, dtype=torch.bool)  # every position scored
+
+
+def shop_rows(llm, batch: int, seq: int):
+    """The first `batch` rows of the shipped shop dialogues packed as `mmchat train sft` packs them, and their loss
+    mask (assistant tokens only)."""
+    from importlib import resources
+    from mmchat.train.data import load_chats, pack_chats, render_chat
+    chats = load_chats(str(resources.files("mmchat") / "data" / "shop_support.jsonl"))
+    pad = llm.eos_token_ids[0] if llm.eos_token_ids else 0
+    packed = pack_chats([render_chat(m, llm.template, llm.tokenizer) for m in chats], seq, pad)
+    if len(packed) < batch:
+        sys.exit(f"the shop dialogues pack into {len(packed)} rows of {seq}; lower --batch or --seq")
+    ids = packed.ids[:batch]  # (B, T+1)
+    return ids[:, :-1], ids[:, 1:], packed.loss_mask[:batch]
 
 
 def timed(step, warmup: int, steps: int, tokens: int) -> tuple[tuple[float, float], float]:
@@ -50,7 +70,7 @@ def timed(step, warmup: int, steps: int, tokens: int) -> tuple[tuple[float, floa
     return (statistics.median(speeds), statistics.median(cpu_speeds)), loss
 
 
-def mmchat_variant(folder: str, lora: bool, x, y, args, precision: str, blas: str = "") -> tuple[float, float]:
+def mmchat_variant(folder: str, lora: bool, x, y, mask, args, precision: str, blas: str = "") -> tuple[float, float]:
     if blas:  # the matmul library the Trainer picks (read when it is made)
         os.environ["MMCHAT_BLAS"] = blas
     else:
@@ -68,7 +88,7 @@ def mmchat_variant(folder: str, lora: bool, x, y, args, precision: str, blas: st
 
     class Rows:  # the same rows every step
         def train_batch(self, step, micro, n_micro, batch_size, rank=0, world=1):
-            return x, y, torch.ones_like(y, dtype=torch.bool)
+            return x, y, mask
 
     cfg = TrainConfig(batch_size=x.size(0), seq_len=x.size(1), lr=1e-5, warmup_steps=1, precision=precision,
                       device="cpu", progress=False, compile=args.compile)
@@ -83,7 +103,7 @@ def mmchat_variant(folder: str, lora: bool, x, y, args, precision: str, blas: st
         return timed(lambda: trainer._train_step(next(step))["loss"], args.warmup, args.steps, x.numel())
 
 
-def hf_variant(folder: str, lora: bool, x, y, args, precision: str) -> tuple[float, float]:
+def hf_variant(folder: str, lora: bool, x, y, mask, args, precision: str) -> tuple[float, float]:
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
     model.train()
@@ -95,11 +115,12 @@ def hf_variant(folder: str, lora: bool, x, y, args, precision: str) -> tuple[flo
     opt = torch.optim.AdamW(params, lr=1e-5)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else torch.autocast(
         "cpu", enabled=False)
+    labels = y.masked_fill(~mask, -100)  # (B, T): positions without loss are ignored, as HF's collators mark them
 
     def step():
         with autocast:
             logits = model(input_ids=x).logits  # (B, T, V)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())  # what Trainer's loss computes
+        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)  # as Trainer's
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -122,6 +143,8 @@ def main():
     ap.add_argument("--only", default="mmchat-full,hf-full,mmchat-lora,hf-peft-lora")
     ap.add_argument("--rounds", type=int, default=1, help="run every variant this many times, in turn")
     ap.add_argument("--json", default="", help="write the figures, the machine and the load average here")
+    ap.add_argument("--data", default="random", choices=["random", "shop"],
+                    help="random rows, every position scored, or the shop dialogues, assistant tokens scored")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -135,19 +158,22 @@ def main():
     import mmchat
     from mmchat.train.export import write_hf
     base = mmchat.load(args.model, dtype=torch.float32, quant=None, progress=False)
-    x, y = rows(base.config.vocab_size, args.batch, args.seq)
+    x, y, mask = rows(base.config.vocab_size, args.batch, args.seq) if args.data == "random" else \
+        shop_rows(base, args.batch, args.seq)
+    print(f"{args.data} rows: {int(mask.sum())} of {mask.numel()} positions carry loss "
+          f"({100 * mask.float().mean():.0f}%)")
     rounds: list[dict] = []
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         folder = f"{tmp}/hf"
         write_hf(base, folder)  # one fp32 copy of the weights that both libraries load
         del base
-        variants = {"mmchat-full": lambda p: mmchat_variant(folder, False, x, y, args, p),
-                    "hf-full": lambda p: hf_variant(folder, False, x, y, args, p),
-                    "mmchat-lora": lambda p: mmchat_variant(folder, True, x, y, args, p),
-                    "hf-peft-lora": lambda p: hf_variant(folder, True, x, y, args, p),
-                    "mmchat-full-torch": lambda p: mmchat_variant(folder, False, x, y, args, p, blas="torch"),
-                    "mmchat-lora-torch": lambda p: mmchat_variant(folder, True, x, y, args, p, blas="torch")}
+        variants = {"mmchat-full": lambda p: mmchat_variant(folder, False, x, y, mask, args, p),
+                    "hf-full": lambda p: hf_variant(folder, False, x, y, mask, args, p),
+                    "mmchat-lora": lambda p: mmchat_variant(folder, True, x, y, mask, args, p),
+                    "hf-peft-lora": lambda p: hf_variant(folder, True, x, y, mask, args, p),
+                    "mmchat-full-torch": lambda p: mmchat_variant(folder, False, x, y, mask, args, p, blas="torch"),
+                    "mmchat-lora-torch": lambda p: mmchat_variant(folder, True, x, y, mask, args, p, blas="torch")}
         for r in range(args.rounds):
             figures = {}
             for precision in args.precision.split(","):
@@ -161,7 +187,8 @@ def main():
     # the median over rounds of each figure
     results = {key: (statistics.median(f[key]["tok_s"] for f in rounds),
                      statistics.median(f[key]["tok_cpu_s"] for f in rounds)) for key in rounds[0]}
-    print(f"\nbatch {args.batch} x {args.seq}, {torch.get_num_threads()} threads, median of {args.steps} steps"
+    print(f"\nbatch {args.batch} x {args.seq} ({args.data} rows), {torch.get_num_threads()} threads, "
+          f"median of {args.steps} steps"
           f"{f' and of {args.rounds} rounds' if args.rounds > 1 else ''}, mmchat {'compiled' if args.compile else 'eager'}")
     from mmchat.train.loop import use_bf16
     auto = "bf16" if use_bf16("auto", torch.device("cpu"), 135_000_000) else "fp32"
@@ -191,6 +218,7 @@ def main():
                                    "torch": torch.__version__},
                        "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
                        "threads": torch.get_num_threads(), "batch": args.batch, "seq": args.seq,
+                       "data": args.data, "loss_positions": int(mask.sum()),
                        "steps": args.steps, "warmup": args.warmup,
                        "rounds": [{f"{n} {p}": v for (n, p), v in r.items()} for r in rounds],
                        "median": {f"{n} {p}": {"tok_s": w, "tok_cpu_s": c} for (n, p), (w, c) in results.items()},
