@@ -83,7 +83,9 @@ def cpu_seconds(pid: int) -> float | None:
 
 def run_server(name: str, cmd: list[str], base: str, model: str, args, bias: dict) -> list[dict]:
     print(f"starting {name}: {' '.join(cmd)}", file=sys.stderr)
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # mmchat on --threads threads, fixed as llama.cpp's --n_threads (not following the load: mmchat.threads)
+    env = {**os.environ, "MMCHAT_THREADS": str(args.threads)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
         wait_up(base, proc)
         asyncio.run(load(base, model, 1, 8, bias))  # warm-up

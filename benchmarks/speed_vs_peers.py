@@ -54,6 +54,7 @@ class MMChatWorker:
         import torch
 
         import mmchat
+        os.environ["MMCHAT_THREADS"] = str(threads)  # fixed, as llama.cpp's: not following the load (mmchat.threads)
         t = time.perf_counter()
         self.llm = mmchat.load(model, progress=False, compile=compile)
         self.load_s = time.perf_counter() - t

@@ -28,6 +28,7 @@ import torch
 from .errors import MMChatError
 from .generate import Sampler, SamplingParams, TokenOut, model_lock
 from .model import Transformer
+from .threads import follow_load
 
 
 class EngineBusy(MMChatError):
@@ -336,6 +337,7 @@ class Engine:
         self.model.cache_len = self.max_len
 
     def _step(self):
+        follow_load()  # fewer threads while other processes keep a core busy
         self._install_cache()
         start = time.perf_counter()
         prefilling = [s for s in self.slots if s.handle is not None and s.next_token is None]

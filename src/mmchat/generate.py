@@ -10,6 +10,7 @@ import torch
 
 from .errors import MMChatError
 from .model import Transformer
+from .threads import follow_load
 
 
 @dataclass
@@ -304,6 +305,7 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
                        output_index=last)[:, -1]  # (B, V)
 
     def forward(*args, **kwargs):  # one decode step; the lock is taken per step, never across a yield
+        follow_load()  # fewer threads while other processes keep a core busy
         with lock:
             if model.layers[0].attn.cache is not caches[0]:  # another user ran the model in between
                 for layer, cache in zip(model.layers, caches):

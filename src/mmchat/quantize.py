@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import kernels
+from .threads import choose_threads, physical_cores  # noqa: F401  (where callers look for them)
 from .errors import MMChatError
 
 SCHEMES = ("int8", "int4", "gguf")
@@ -529,43 +530,6 @@ def fill(dst: nn.Module, w: torch.Tensor, blocks: tuple | None, dtype):
 FAST_PATH_MIN_PARAMS = 50_000_000
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
-
-
-def physical_cores() -> int:
-    """Cores this process may use, hyperthreads counted once (matmuls gain nothing from a second thread on the
-    same core)."""
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count() or 1
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-        per_core = {}
-        for block in info.split("\n\n"):
-            fields = dict(line.split(":", 1) for line in block.splitlines() if ":" in line)
-            fields = {k.strip(): v.strip() for k, v in fields.items()}
-            if "siblings" in fields and "cpu cores" in fields:
-                per_core = max(1, int(fields["siblings"]) // max(1, int(fields["cpu cores"])))
-                break
-        return max(1, usable // (per_core or 1))
-    except (OSError, ValueError):
-        return usable
-
-
-def choose_threads() -> int:
-    """Threads for matmuls: $MMCHAT_THREADS if set, else the physical cores, but one when the machine is
-    already busy (load average above twice the cores): every op ends at a barrier where the threads wait for
-    each other, and on a crowded CPU a descheduled thread stalls the rest for a whole time slice (measured
-    here: 2 threads at load 13 on 2 cores decode 60x slower than 1)."""
-    if os.environ.get("MMCHAT_THREADS", "").isdigit() and int(os.environ["MMCHAT_THREADS"]) > 0:
-        return int(os.environ["MMCHAT_THREADS"])
-    cores = physical_cores()
-    try:
-        busy = os.getloadavg()[0] > 2 * cores
-    except OSError:
-        busy = False
-    return 1 if busy else cores
 
 
 def cpu_has_bf16() -> bool:
