@@ -138,15 +138,13 @@ class LLM:
         weights are cached under mmchat's cache dir, so later loads memory-map them (cache=False: neither
         read nor write the cache). compile ('auto', 'on', 'off'): the decode step under torch.compile
         (mmchat.quantize.choose_compile; 'auto' leaves it off: the first compile takes a minute)."""
-        from . import kernels, quantize
+        from . import kernels, quantize, threads
         from .formats import cache as weights_cache
         start = time.perf_counter()
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype, quant = quantize.parse_dtype(dtype), quantize.parse_quant(quant)
         if torch.device(device).type == "cpu":
-            threads = quantize.choose_threads()
-            if torch.get_num_threads() != threads:
-                torch.set_num_threads(threads)
+            threads.set_threads(threads.choose_threads())
         path = registry.resolve(model, progress=progress)
         dev_type = torch.device(device).type
         variant = f"{dev_type}-{str(dtype or 'auto').removeprefix('torch.')}-{quant}"

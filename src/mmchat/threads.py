@@ -6,7 +6,8 @@ at every barrier: measured on 2 cores with one other busy process, 2 threads dec
 did 30 (and at 5 against 72 for a batch of 8 under heavier load). So the thread count is chosen when a model
 loads (choose_threads) and then follows the load while generating (follow_load): each half second the CPU time
 other processes used on our CPUs is read from /proc/stat, and a core that they keep busy is left to them.
-$MMCHAT_THREADS fixes the count.
+$MMCHAT_THREADS fixes the count, and so does a torch.set_num_threads call of one's own: the count is followed only
+while it is the one mmchat set.
 """
 from __future__ import annotations
 
@@ -15,6 +16,17 @@ import os
 import time
 
 import torch
+
+
+_ours: int | None = None  # the thread count mmchat itself last set (set_threads)
+
+
+def set_threads(n: int):
+    """Set torch's thread count (which mmchat's kernels use too) and remember that mmchat chose it."""
+    global _ours
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    _ours = n
 
 
 def pinned_threads() -> int | None:
@@ -95,8 +107,9 @@ class LoadFollower:
         self.others = 0.0  # cores' worth of CPU other processes used over the last interval
 
     def __call__(self) -> int:
-        """Look at the load (if `interval` has passed) and set the thread count; returns it."""
-        if pinned_threads() or self.cores < 2:
+        """Look at the load (if `interval` has passed) and set the thread count; returns it. Hands off when the
+        count was pinned ($MMCHAT_THREADS) or set by someone else than mmchat."""
+        if pinned_threads() or self.cores < 2 or torch.get_num_threads() != _ours:
             return torch.get_num_threads()
         now = time.monotonic()
         if self.last is not None and now - self.last[0] < self.interval:
@@ -108,9 +121,7 @@ class LoadFollower:
         if self.last is not None:
             wall, all_busy, ours = (a - b for a, b in zip(sample, self.last))
             self.others = max(0.0, (all_busy - ours) / wall)
-            want = threads_for(self.cores, self.others)
-            if want != torch.get_num_threads():
-                torch.set_num_threads(want)
+            set_threads(threads_for(self.cores, self.others))
         self.last = sample
         return torch.get_num_threads()
 
