@@ -234,7 +234,7 @@ def main():
         from mmchat import registry
         args.model = str(registry.resolve("smollm2", progress=True))
     if args.threads is None:
-        from mmchat.quantize import physical_cores
+        from mmchat.threads import physical_cores
         args.threads = physical_cores()
     if args.worker:
         return worker_main(args.worker, args.model, args.threads)

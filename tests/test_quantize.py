@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mmchat import quantize as Q
+from mmchat import threads
 from mmchat.errors import MMChatError
 
 # A fixed English text (about 250 tokens) for perplexity.
@@ -100,7 +101,7 @@ def test_choices_for_the_machine_and_bad_input():
     with pytest.raises(MMChatError, match="unknown dtype"):
         Q.parse_dtype("float8")
     assert Q.parse_dtype("bf16") is torch.bfloat16 and Q.parse_quant("none") is None
-    assert Q.physical_cores() >= 1 and Q.choose_threads() >= 1
+    assert threads.physical_cores() >= 1 and threads.choose_threads() >= 1
 
 
 def test_many_rows_run_on_a_packed_bf16_copy_that_equals_the_quantized_weight(monkeypatch):

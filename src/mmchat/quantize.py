@@ -30,7 +30,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import kernels
-from .threads import choose_threads, physical_cores  # noqa: F401  (where callers look for them)
 from .errors import MMChatError
 
 SCHEMES = ("int8", "int4", "gguf")

@@ -62,8 +62,9 @@ def choose_threads() -> int:
     already busy (load average above twice the cores): every op ends at a barrier where the threads wait for
     each other, and on a crowded CPU a descheduled thread stalls the rest for a whole time slice (measured
     here: 2 threads at load 13 on 2 cores decode 60x slower than 1)."""
-    if pinned_threads():
-        return pinned_threads()
+    pinned = pinned_threads()
+    if pinned:
+        return pinned
     cores = physical_cores()
     try:
         busy = os.getloadavg()[0] > 2 * cores

@@ -39,7 +39,7 @@ def available() -> bool:
 def _engine():
     from rapidocr_onnxruntime import RapidOCR
 
-    from ..quantize import choose_threads
+    from ..threads import choose_threads
     threads = choose_threads()  # as many as the model's matmuls use ($MMCHAT_THREADS, or 1 on a busy machine)
     return RapidOCR(intra_op_num_threads=threads, inter_op_num_threads=1)
 
