@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import weakref
 from pathlib import Path
 
 import torch
@@ -127,33 +128,43 @@ def fused_decode_ok(model) -> bool:
                for layer in model.layers for lin in (layer.attn.wqkv, layer.attn.wo, layer.mlp.w_up, layer.mlp.w_down))
 
 
+class _Layer(ctypes.Structure):
+    _fields_ = [("attn_norm", _ptr), ("mlp_norm", _ptr), ("wqkv", _QLinear), ("wo", _QLinear), ("wup", _QLinear),
+                ("wdown", _QLinear), ("k_cache", _ptr), ("v_cache", _ptr)]
+
+
 class FusedDecode:
-    """Runs every block of a decode step (one new token per row, KV cache set up) as one call per layer into
-    csrc/qmatmul.c's llama_decode_layer. The weights' addresses are gathered once; the caches' at each call
-    (they are replaced when a new cache is set up)."""
+    """Runs every block of a decode step (one new token per row, KV cache set up) as one call into
+    csrc/qmatmul.c's llama_decode_layers. The weights' addresses are gathered once, the caches' again whenever
+    the model's caches are replaced (a new cache set up, or another generation's swapped in)."""
 
     def __init__(self, model):
         self.model = model
-        self.layers = [(layer.attn_norm.weight, layer.mlp_norm.weight,
-                        [_qlinear(m) for m in (layer.attn.wqkv, layer.attn.wo, layer.mlp.w_up, layer.mlp.w_down)])
-                       for layer in model.layers]
-        fn = library().llama_decode_layer
-        fn.argtypes = [_ptr, _ptr, _ptr, ctypes.c_float] + [ctypes.POINTER(_QLinear)] * 4 + [_ptr] * 6 + [_int] * 6
+        self.layers = (_Layer * len(model.layers))(*[
+            _Layer(layer.attn_norm.weight.data_ptr(), layer.mlp_norm.weight.data_ptr(),
+                   *[_qlinear(m) for m in (layer.attn.wqkv, layer.attn.wo, layer.mlp.w_up, layer.mlp.w_down)])
+            for layer in model.layers])
+        self.first_cache = lambda: None  # the first layer's cache when self.layers took the caches' addresses
+        fn = library().llama_decode_layers
+        fn.argtypes = [_ptr, ctypes.POINTER(_Layer), _int, ctypes.c_float] + [_ptr] * 4 + [_int] * 6
         fn.restype = None
         self.fn = fn
 
     def __call__(self, x: torch.Tensor, input_pos: torch.Tensor, cache_rows: torch.Tensor | None) -> torch.Tensor:
         """x (B, 1, d) float32 -> the residual stream after the last block (B, 1, d)."""
         model, cfg = self.model, self.model.cfg
+        if self.first_cache() is not model.layers[0].attn.cache:  # caches are always replaced all together
+            caches = [layer.attn.cache for layer in model.layers]
+            for entry, cache in zip(self.layers, caches):
+                entry.k_cache, entry.v_cache = cache.k.data_ptr(), cache.v.data_ptr()
+            self.first_cache = weakref.ref(caches[0])  # weak: a cache the model let go of is freed
+            self.slots = caches[0].k.size(2)
         B = x.size(0)
         x = x.contiguous().clone()  # updated in place
         pos = input_pos[:, 0].contiguous()  # (B,) int64
         rows = (torch.arange(B) if cache_rows is None else cache_rows).to(torch.int64).contiguous()  # (B,)
         cos, sin = model.rope(x.device, torch.float32)  # (max_len, hs) each
-        threads = torch.get_num_threads()
-        for layer, (n1, n2, (wqkv, wo, wup, wdown)) in zip(model.layers, self.layers):
-            cache = layer.attn.cache
-            self.fn(x.data_ptr(), n1.data_ptr(), n2.data_ptr(), cfg.norm_eps, wqkv, wo, wup, wdown,
-                    cos.data_ptr(), sin.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(), pos.data_ptr(),
-                    rows.data_ptr(), B, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cache.k.size(2), threads)
+        self.fn(x.data_ptr(), self.layers, len(self.layers), cfg.norm_eps, cos.data_ptr(), sin.data_ptr(),
+                pos.data_ptr(), rows.data_ptr(), B, cfg.n_head, cfg.n_kv_head, cfg.head_dim, self.slots,
+                torch.get_num_threads())
         return x

@@ -20,30 +20,35 @@
 
 #define ROWS 8 /* activation rows handled per pass over the weights */
 
-/* x (M, K) float -> xq (M, K) int8, dx and sx (M, K/32): every block's scale and the sum of its quantized values
- * times the scale. The minimum term uses that quantized sum, not the float one, so the block's dot product is
- * exactly the one with the rounded activations, sum_j w_j x^_j, whose error sum_j w_j (x_j - x^_j) is small
- * because the weights are centred; with the float sum the error would be sum_j d q_j (x_j - x^_j), and q in
- * 0..15 is not centred (measured on SmolLM2: 5x the KL divergence from float32). */
-static void quantize_rows(const float *x, int M, int K, int8_t *xq, float *dx, float *sx, int threads) {
-    int G = K / 32;
-    #pragma omp parallel for schedule(static) num_threads(threads) if (M > 1)
-    for (int i = 0; i < M * G; i++) {
+/* x (M, K) float -> xq (M, K) int8, and every block's scale and the sum of its quantized values times the scale,
+ * laid out for the row kernels: dxt and sxt (ceil(M/ROWS), K/32, ROWS), zero past row M. The minimum term uses that
+ * quantized sum, not the float one, so the block's dot product is exactly the one with the rounded activations,
+ * sum_j w_j x^_j, whose error sum_j w_j (x_j - x^_j) is small because the weights are centred; with the float sum
+ * the error would be sum_j d q_j (x_j - x^_j), and q in 0..15 is not centred (measured on SmolLM2: 5x the KL
+ * divergence from float32). Called by every thread of a team; the blocks are split between them. */
+static void quantize_rows(const float *x, int M, int K, int8_t *xq, float *dxt, float *sxt) {
+    int G = K / 32, padded = (M + ROWS - 1) / ROWS * ROWS;
+    #pragma omp for schedule(static)
+    for (int i = 0; i < padded * G; i++) {
+        int row = i / G, g = i % G;
+        float *d = dxt + ((size_t)(row / ROWS) * G + g) * ROWS + row % ROWS;
+        float *s = sxt + (d - dxt);
+        if (row >= M) { *d = *s = 0.f; continue; }
         const float *b = x + (size_t)i * 32;
         float amax = 0.f;
         for (int j = 0; j < 32; j++) {
             float a = fabsf(b[j]);
             amax = a > amax ? a : amax;
         }
-        float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
+        float scale = amax / 127.f, inv = scale > 0.f ? 1.f / scale : 0.f;
         int sum = 0;
         for (int j = 0; j < 32; j++) {
             int q = (int)lrintf(b[j] * inv);
             xq[(size_t)i * 32 + j] = (int8_t)q;
             sum += q;
         }
-        dx[i] = d;
-        sx[i] = d * (float)sum;
+        *d = scale;
+        *s = scale * (float)sum;
     }
 }
 
@@ -113,32 +118,34 @@ static inline __attribute__((always_inline)) void q8_row(const int8_t *wq, const
     case 1: CALL(1); break; case 2: CALL(2); break; case 3: CALL(3); break; case 4: CALL(4); break; \
     case 5: CALL(5); break; case 6: CALL(6); break; case 7: CALL(7); break; default: CALL(8); }
 
-/* rows i0..i0+R of dx and sx (M, G) -> dxt and sxt (G, ROWS), zero beyond R */
-static void transpose_scales(const float *dx, const float *sx, int i0, int R, int G, float *dxt, float *sxt) {
-    for (int g = 0; g < G; g++)
-        for (int r = 0; r < ROWS; r++) {
-            dxt[g * ROWS + r] = r < R ? dx[(i0 + r) * G + g] : 0.f;
-            sxt[g * ROWS + r] = r < R ? sx[(i0 + r) * G + g] : 0.f;
-        }
+/* A matmul's scratch: the quantized activations of up to M rows of K inputs and their scales */
+typedef struct {
+    int8_t *xq;
+    float *dxt, *sxt;
+} qscratch;
+
+static qscratch qscratch_new(int M, int K) {
+    size_t scales = (size_t)(M + ROWS - 1) / ROWS * ROWS * (K / 32);
+    return (qscratch){scratch((size_t)M * K), scratch(sizeof(float) * scales), scratch(sizeof(float) * scales)};
 }
 
-/* y = x W^T for W in 4-bit (bits 4: q, d, m) or 8-bit blocks (bits 8: q, d): the rows of x quantized once, then
- * every ROWS of them against all of W, output rows split over threads */
-static void block_matmul(int bits, const void *q, const float *d, const float *m, const float *x, float *y,
-                         int M, int N, int K, int threads) {
+static void qscratch_free(qscratch t) { free(t.xq); free(t.dxt); free(t.sxt); }
+
+/* y = x W^T for W in 4-bit (bits 4: q, d, m) or 8-bit blocks (bits 8: q, d), called by every thread of a team:
+ * the rows of x quantized once, then every ROWS of them against all of W, output rows split over the threads.
+ * Returns after the team's barrier, so y is complete. */
+static void block_matmul_team(int bits, const void *q, const float *d, const float *m, const float *x, float *y,
+                              int M, int N, int K, qscratch t) {
     int G = K / 32;
-    int8_t *xq = scratch((size_t)M * K);
-    float *dx = scratch(sizeof(float) * M * G), *sx = scratch(sizeof(float) * M * G);
-    float *dxt = scratch(sizeof(float) * G * ROWS), *sxt = scratch(sizeof(float) * G * ROWS);
-    quantize_rows(x, M, K, xq, dx, sx, threads);
+    quantize_rows(x, M, K, t.xq, t.dxt, t.sxt);
     for (int i0 = 0; i0 < M; i0 += ROWS) {
         int R = M - i0 < ROWS ? M - i0 : ROWS;
-        transpose_scales(dx, sx, i0, R, G, dxt, sxt);
-        #pragma omp parallel for schedule(static) num_threads(threads)
+        const float *dxt = t.dxt + (size_t)(i0 / ROWS) * G * ROWS, *sxt = t.sxt + (size_t)(i0 / ROWS) * G * ROWS;
+        #pragma omp for schedule(static)
         for (int n = 0; n < N; n++) {
 #define Q4_CALL(r) q4_row((const uint8_t *)q + (size_t)n * (K / 2), d + (size_t)n * G, m + (size_t)n * G, \
-                          xq + (size_t)i0 * K, dxt, sxt, y + (size_t)i0 * N + n, N, G, r)
-#define Q8_CALL(r) q8_row((const int8_t *)q + (size_t)n * K, d + (size_t)n * G, xq + (size_t)i0 * K, dxt, \
+                          t.xq + (size_t)i0 * K, dxt, sxt, y + (size_t)i0 * N + n, N, G, r)
+#define Q8_CALL(r) q8_row((const int8_t *)q + (size_t)n * K, d + (size_t)n * G, t.xq + (size_t)i0 * K, dxt, \
                           y + (size_t)i0 * N + n, N, G, r)
             if (bits == 4) {
                 FOR_R(R, Q4_CALL)
@@ -147,7 +154,14 @@ static void block_matmul(int bits, const void *q, const float *d, const float *m
             }
         }
     }
-    free(xq); free(dx); free(sx); free(dxt); free(sxt);
+}
+
+static void block_matmul(int bits, const void *q, const float *d, const float *m, const float *x, float *y,
+                         int M, int N, int K, int threads) {
+    qscratch t = qscratch_new(M, K);
+    #pragma omp parallel num_threads(threads)
+    block_matmul_team(bits, q, d, m, x, y, M, N, K, t);
+    qscratch_free(t);
 }
 
 void q4_matmul(const uint8_t *q4, const float *d, const float *m, const float *x, float *y,
@@ -159,11 +173,12 @@ void q8_matmul(const int8_t *q8, const float *d, const float *x, float *y, int M
     block_matmul(8, q8, d, NULL, x, y, M, N, K, threads);
 }
 
-/* ---- one whole Llama block for a decode step (one new token per sequence) ----------------------------------
+/* ---- a decode step's blocks (one new token per sequence) ----------------------------------------------------
  * The same arithmetic as model.py's Block with a KV cache, for B sequences at their own positions: RMSNorm,
  * the fused Q/K/V projection, rotary embeddings, the cache write, grouped-query attention over the slots up to
- * each sequence's position, the output projection, RMSNorm, SwiGLU MLP, two residual adds. Run from Python as
- * one call per layer, so a decode step costs a few dozen calls instead of hundreds of small tensor ops. */
+ * each sequence's position, the output projection, RMSNorm, SwiGLU MLP, two residual adds. Every layer of the
+ * step runs in one call from Python and one OpenMP team: its threads split each phase and meet at a barrier
+ * between phases, instead of starting a parallel region per matmul (150 per step for SmolLM2, ~5 us each). */
 typedef struct {
     int kind;            /* 4: q4 blocks (q, d, m); 8: q8 blocks (q, d) */
     const void *q;
@@ -171,9 +186,14 @@ typedef struct {
     int n_out, n_in;
 } qlinear;
 
-static void qlinear_run(const qlinear *L, const float *x, float *y, int M, int threads) {
-    if (L->kind == 4) q4_matmul(L->q, L->d, L->m, x, y, M, L->n_out, L->n_in, threads);
-    else q8_matmul(L->q, L->d, x, y, M, L->n_out, L->n_in, threads);
+typedef struct {
+    const float *attn_norm, *mlp_norm;
+    qlinear wqkv, wo, wup, wdown;
+    float *k_cache, *v_cache;  /* (rows, nkv, S, hs) each */
+} llama_layer;
+
+static void qlinear_team(const qlinear *L, const float *x, float *y, int M, qscratch t) {
+    block_matmul_team(L->kind, L->q, L->d, L->m, x, y, M, L->n_out, L->n_in, t);
 }
 
 static void rms_norm(const float *x, const float *w, float eps, float *out, int B, int D) {
@@ -203,62 +223,86 @@ static void rope(float *x, const float *cos, const float *sin, int hs) {
     for (int i = 0; i < hs; i++) x[i] = tmp[i];
 }
 
-void llama_decode_layer(float *x, const float *attn_norm, const float *mlp_norm, float eps,
-                        const qlinear *wqkv, const qlinear *wo, const qlinear *wup, const qlinear *wdown,
-                        const float *cos, const float *sin, float *kc, float *vc, const int64_t *pos,
-                        const int64_t *rows, int B, int nh, int nkv, int hs, int S, int threads) {
-    int D = wqkv->n_in, F = wdown->n_in, W = (nh + 2 * nkv) * hs, group = nh / nkv;
-    float *h = scratch(sizeof(float) * B * D), *qkv = scratch(sizeof(float) * B * W);
-    float *att = scratch(sizeof(float) * B * nh * hs), *o = scratch(sizeof(float) * B * D);
-    float *up = scratch(sizeof(float) * B * 2 * F);
-    int max_pos = 0;
-    for (int b = 0; b < B; b++) max_pos = pos[b] > max_pos ? (int)pos[b] : max_pos;
-    float *scores = scratch(sizeof(float) * B * nh * (max_pos + 1));
+/* what a step's layers share: the activations between phases, sized for B rows */
+typedef struct {
+    float *h, *qkv, *att, *o, *up, *scores;
+    qscratch t;
+} step_buffers;
 
-    rms_norm(x, attn_norm, eps, h, B, D);
-    qlinear_run(wqkv, h, qkv, B, threads);  /* (B, W): nh query heads, nkv key heads, nkv value heads */
+/* one layer, called by every thread of the team; x (B, D) is updated in place */
+static void decode_layer_team(float *x, const llama_layer *L, float eps, const float *cos, const float *sin,
+                              const int64_t *pos, const int64_t *rows, int B, int nh, int nkv, int hs, int S,
+                              int max_pos, step_buffers *s) {
+    int D = L->wqkv.n_in, F = L->wdown.n_in, W = (nh + 2 * nkv) * hs, group = nh / nkv;
+    #pragma omp single
+    rms_norm(x, L->attn_norm, eps, s->h, B, D);
+    qlinear_team(&L->wqkv, s->h, s->qkv, B, s->t);  /* (B, W): nh query heads, nkv key heads, nkv value heads */
+    #pragma omp for schedule(static)
     for (int b = 0; b < B; b++) {
-        float *qb = qkv + (size_t)b * W;
+        float *qb = s->qkv + (size_t)b * W;
         const float *cb = cos + (size_t)pos[b] * hs, *sb = sin + (size_t)pos[b] * hs;
         for (int j = 0; j < nh + nkv; j++) rope(qb + (size_t)j * hs, cb, sb, hs);
         for (int j = 0; j < nkv; j++) {  /* cache row rows[b], slot pos[b] */
             size_t at = (((size_t)rows[b] * nkv + j) * S + pos[b]) * hs;
             for (int i = 0; i < hs; i++) {
-                kc[at + i] = qb[(size_t)(nh + j) * hs + i];
-                vc[at + i] = qb[(size_t)(nh + nkv + j) * hs + i];
+                L->k_cache[at + i] = qb[(size_t)(nh + j) * hs + i];
+                L->v_cache[at + i] = qb[(size_t)(nh + nkv + j) * hs + i];
             }
         }
     }
     float scale = 1.f / sqrtf((float)hs);
-    #pragma omp parallel for schedule(static) num_threads(threads)
+    #pragma omp for schedule(static)
     for (int bh = 0; bh < B * nh; bh++) {  /* softmax(q K^T / sqrt(hs)) V over slots 0..pos[b] */
         int b = bh / nh, head = bh % nh, kvh = head / group, n = (int)pos[b] + 1;
-        const float *q = qkv + (size_t)b * W + (size_t)head * hs;
-        const float *K = kc + ((size_t)rows[b] * nkv + kvh) * S * hs, *V = vc + ((size_t)rows[b] * nkv + kvh) * S * hs;
-        float *s = scores + (size_t)bh * (max_pos + 1), best = -INFINITY, total = 0.f;
+        const float *q = s->qkv + (size_t)b * W + (size_t)head * hs;
+        const float *K = L->k_cache + ((size_t)rows[b] * nkv + kvh) * S * hs;
+        const float *V = L->v_cache + ((size_t)rows[b] * nkv + kvh) * S * hs;
+        float *p = s->scores + (size_t)bh * (max_pos + 1), best = -INFINITY, total = 0.f;
         for (int t = 0; t < n; t++) {
-            s[t] = dot_f32(q, K + (size_t)t * hs, hs) * scale;
-            best = s[t] > best ? s[t] : best;
+            p[t] = dot_f32(q, K + (size_t)t * hs, hs) * scale;
+            best = p[t] > best ? p[t] : best;
         }
-        for (int t = 0; t < n; t++) { s[t] = expf(s[t] - best); total += s[t]; }
-        float *out = att + (size_t)b * nh * hs + (size_t)head * hs;
+        for (int t = 0; t < n; t++) { p[t] = expf(p[t] - best); total += p[t]; }
+        float *out = s->att + (size_t)b * nh * hs + (size_t)head * hs;
         for (int i = 0; i < hs; i++) out[i] = 0.f;
         for (int t = 0; t < n; t++) {
-            float p = s[t] / total;
-            for (int i = 0; i < hs; i++) out[i] += p * V[(size_t)t * hs + i];
+            float w = p[t] / total;
+            for (int i = 0; i < hs; i++) out[i] += w * V[(size_t)t * hs + i];
         }
     }
-    qlinear_run(wo, att, o, B, threads);
-    for (int i = 0; i < B * D; i++) x[i] += o[i];
+    qlinear_team(&L->wo, s->att, s->o, B, s->t);
+    #pragma omp single
+    {
+        for (int i = 0; i < B * D; i++) x[i] += s->o[i];
+        rms_norm(x, L->mlp_norm, eps, s->h, B, D);
+    }
+    qlinear_team(&L->wup, s->h, s->up, B, s->t);  /* (B, 2F): the gate, then the up projection */
+    #pragma omp for schedule(static)
+    for (int i = 0; i < B * F; i++) {  /* SwiGLU into a separate buffer: rows b > 0 would overwrite their inputs */
+        int b = i / F, j = i % F;
+        float g = s->up[(size_t)b * 2 * F + j];
+        s->h[i] = g / (1.f + expf(-g)) * s->up[(size_t)b * 2 * F + F + j];
+    }
+    qlinear_team(&L->wdown, s->h, s->o, B, s->t);
+    #pragma omp single
+    for (int i = 0; i < B * D; i++) x[i] += s->o[i];
+}
 
-    rms_norm(x, mlp_norm, eps, h, B, D);
-    qlinear_run(wup, h, up, B, threads);  /* (B, 2F): the gate, then the up projection */
-    for (int b = 0; b < B; b++)
-        for (int i = 0; i < F; i++) {
-            float g = up[(size_t)b * 2 * F + i];
-            up[(size_t)b * F + i] = g / (1.f + expf(-g)) * up[(size_t)b * 2 * F + F + i];  /* SwiGLU, packed */
-        }
-    qlinear_run(wdown, up, o, B, threads);
-    for (int i = 0; i < B * D; i++) x[i] += o[i];
-    free(h); free(qkv); free(att); free(o); free(up); free(scores);
+/* every block of the model for one decode step */
+void llama_decode_layers(float *x, const llama_layer *layers, int n_layers, float eps, const float *cos,
+                         const float *sin, const int64_t *pos, const int64_t *rows, int B, int nh, int nkv, int hs,
+                         int S, int threads) {
+    int D = layers[0].wqkv.n_in, F = layers[0].wdown.n_in, W = (nh + 2 * nkv) * hs, max_pos = 0;
+    for (int b = 0; b < B; b++) max_pos = pos[b] > max_pos ? (int)pos[b] : max_pos;
+    int widest = D > F ? D : F;
+    if (nh * hs > widest) widest = nh * hs;
+    step_buffers s = {scratch(sizeof(float) * B * widest), scratch(sizeof(float) * B * W),
+                      scratch(sizeof(float) * B * nh * hs), scratch(sizeof(float) * B * D),
+                      scratch(sizeof(float) * B * 2 * F), scratch(sizeof(float) * B * nh * (max_pos + 1)),
+                      qscratch_new(B, widest)};
+    #pragma omp parallel num_threads(threads)
+    for (int l = 0; l < n_layers; l++)
+        decode_layer_team(x, layers + l, eps, cos, sin, pos, rows, B, nh, nkv, hs, S, max_pos, &s);
+    free(s.h); free(s.qkv); free(s.att); free(s.o); free(s.up); free(s.scores);
+    qscratch_free(s.t);
 }
