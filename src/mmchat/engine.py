@@ -331,8 +331,8 @@ class Engine:
             self.stats.prefilled_tokens += len(h.prompt) - keep
 
     def _install_cache(self):
-        for layer, cache in zip(self.model.layers, self._caches):
-            if layer.attn.cache is not cache:
+        if self.model.layers[0].attn.cache is not self._caches[0]:  # whoever swaps caches swaps all layers'
+            for layer, cache in zip(self.model.layers, self._caches):
                 layer.attn.cache = cache
         self.model.cache_len = self.max_len
 

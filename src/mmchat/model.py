@@ -206,6 +206,7 @@ class Transformer(nn.Module):
         # callable(x, input_pos, cache_rows) -> x running all blocks of a decode step at once (mmchat.kernels
         # .FusedDecode, installed by the loader for quantized models on mmchat's own CPU kernels)
         self.fused_decode = None
+        self.reference_attention = False  # see set_reference_attention
 
     # -- KV cache -------------------------------------------------------------------------------------------
     def setup_cache(self, batch_size: int, max_len: int, dtype=None):
@@ -255,6 +256,7 @@ class Transformer(nn.Module):
     def set_reference_attention(self, on: bool = True):
         """Switch every layer to the written-out attention, which keeps each layer's weights in
         `layer.attn.last_weights` (B, nh, T, S) after a forward pass."""
+        self.reference_attention = on
         for layer in self.layers:
             layer.attn.use_reference = on
             layer.attn.last_weights = None
@@ -282,7 +284,7 @@ class Transformer(nn.Module):
         # modules that the fused blocks do not call
         if self.fused_decode is not None and T == 1 and self.cache_len and hidden_states is None \
                 and getattr(self, "adapter_rows", None) is None \
-                and not any(layer.attn.use_reference for layer in self.layers):
+                and not self.reference_attention:
             x = self.fused_decode(x, input_pos, cache_rows)  # (B, 1, d): every block in one call per layer
             if output_index is not None:
                 x = x[torch.arange(B, device=x.device), output_index][:, None]  # (B, 1, d)
@@ -295,7 +297,7 @@ class Transformer(nn.Module):
         if self.cache_len:
             slots = torch.arange(self.attend_len(input_pos), device=x.device)  # (S,)
             mask = (slots[None, None, :] <= input_pos[:, :, None]).unsqueeze(1)  # (B, 1, T, S)
-            if T == 1 and not any(layer.attn.use_reference for layer in self.layers):
+            if T == 1 and not self.reference_attention:
                 mask = decode_bias(mask)  # (B, 1, 1, S) float, made once for every layer
         run = None
         if self._compiled_block is not None and mask is not None and mask.dtype != torch.bool \
