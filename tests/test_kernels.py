@@ -37,6 +37,22 @@ def test_block_matmuls_match_float_math_on_the_same_blocks(rows):
     assert _rel(q4(many), many @ q4.dequantize(torch.float32).t()) < 0.02
 
 
+def test_q4_tiles_hold_the_blocks_exactly_and_a_row_is_the_same_alone_or_batched():
+    """BlockQ4Linear keeps W's rows interleaved in tiles of 8: the layout loses nothing, and each output is the
+    same chain of block FMAs whether its activation row comes alone or among others (seeded sampling under
+    batching depends on it)."""
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(40, 96, generator=g)
+    q, scale, low = Q.int4_groups(w)
+    lin = Q.BlockQ4Linear(96, 40, False, torch.float32)
+    Q.fill(lin, w, None, torch.float32)
+    blocks = (q.float().view(40, 3, 32) * scale[..., None] + low[..., None]).view(40, 96)
+    assert torch.equal(lin.dequantize(torch.float32), blocks)
+    x = torch.randn(11, 96, generator=g)
+    assert torch.equal(lin(x), torch.cat([lin(x[i:i + 1]) for i in range(11)]))
+    assert _rel(lin(x), x @ blocks.t()) < 0.02
+
+
 def _tiny_llama(seed=0):
     cfg = ModelConfig(arch="llama", vocab_size=160, n_layer=3, d_model=64, n_head=4, n_kv_head=2, d_ff=128,
                       max_seq_len=96, tie_embeddings=True)

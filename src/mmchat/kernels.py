@@ -86,10 +86,11 @@ def available() -> bool:
 
 
 def q4_matmul(x: torch.Tensor, q4: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """x (M, K) float32 -> (M, N) float32 for W in 4-bit blocks: q4 (N, K/2) uint8, d and m (N, K/32)."""
+    """x (M, K) float32 -> (M, N) float32 for W in 4-bit blocks, rows in tiles of 8 (quantize.BlockQ4Linear):
+    q4 (N/8, K/32, 128) uint8, d and m (N/8, K/32, 8)."""
     x = x.contiguous()
     M, K = x.shape
-    N = q4.size(0)
+    N = q4.size(0) * d.size(-1)
     y = torch.empty(M, N, dtype=torch.float32)
     library().q4_matmul(q4.data_ptr(), d.data_ptr(), m.data_ptr(), x.data_ptr(), y.data_ptr(), M, N, K,
                         torch.get_num_threads())

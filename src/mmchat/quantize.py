@@ -34,6 +34,7 @@ from .errors import MMChatError
 
 SCHEMES = ("int8", "int4", "gguf")
 GROUP = 32  # int4 group size along the input dimension (GGUF's block size)
+TILE = 8  # output rows per interleaved tile of BlockQ4Linear (csrc/qmatmul.c, q4_tile)
 # From this many rows per matmul (a long prefill) float32 weights are dequantized for one GEMM: the weight-only
 # kernels are built for a few rows; dequantizing costs a fixed ~0.2 s per forward here, so it pays only on long
 # prompts (measured crossover ~190 rows: 50 rows 2x faster on the kernels, 512 rows 1.2x faster dequantized).
@@ -198,16 +199,18 @@ class Int8x2Linear(Int4KernelLinear, nn.Module):
 
 
 class BlockQ4Linear(DenseCopy, nn.Module):
-    """y = x W^T (+ b) with W in 4-bit blocks of 32 inputs run on mmchat's own kernel (mmchat.kernels):
-    q4 (N, K/2) uint8 in GGUF's nibble order, and per block a scale d and a minimum m, (N, K/32) float32:
-    w = d * q + m. GGUF's Q4_1 blocks are this exactly (Q4_0: m = -8 d)."""
+    """y = x W^T (+ b) with W in 4-bit blocks of 32 inputs run on mmchat's own kernel (mmchat.kernels): per
+    block a scale d and a minimum m, w = d * q + m with q in 0..15 (GGUF's Q4_1 blocks exactly; Q4_0 is
+    m = -8 d). W's rows are stored in tiles of 8 interleaved for the kernel (csrc/qmatmul.c, q4_tile):
+    q4 (N/8, K/32, 128) uint8, d and m (N/8, K/32, 8) float32; `pack_q4_tiles` makes that layout."""
 
     def __init__(self, n_in: int, n_out: int, bias: bool, dtype, device=None):
         super().__init__()
         self.in_features, self.out_features = n_in, n_out
-        self.register_buffer("q4", torch.empty(n_out, n_in // 2, dtype=torch.uint8, device=device))
-        self.register_buffer("d", torch.empty(n_out, n_in // GROUP, dtype=torch.float32, device=device))
-        self.register_buffer("m", torch.empty(n_out, n_in // GROUP, dtype=torch.float32, device=device))
+        tiles, G = n_out // TILE, n_in // GROUP
+        self.register_buffer("q4", torch.empty(tiles, G, TILE * GROUP // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("d", torch.empty(tiles, G, TILE, dtype=torch.float32, device=device))
+        self.register_buffer("m", torch.empty(tiles, G, TILE, dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.empty(n_out, dtype=dtype, device=device)) if bias else None
 
     def forward(self, x):
@@ -216,9 +219,23 @@ class BlockQ4Linear(DenseCopy, nn.Module):
     def dequantize(self, dtype) -> torch.Tensor:
         """The float weight (N, K)."""
         N, K = self.out_features, self.in_features
-        p = self.q4.view(N, K // GROUP, GROUP // 2)  # (N, G, 16)
-        q = torch.cat([p & 0x0F, p >> 4], dim=-1).to(torch.float32)  # (N, G, 32)
-        return (q * self.d[..., None] + self.m[..., None]).view(N, K).to(dtype)
+        p = self.q4.view(N // TILE, K // GROUP, 4, 1, TILE, 4)  # (tiles, G, chunk, 1, row, input)
+        q = torch.cat([p & 0x0F, p >> 4], dim=3)  # (tiles, G, chunk, nibble, row, input): input 8 chunk + 4 nibble
+        q = q.permute(0, 4, 1, 2, 3, 5).reshape(N, K // GROUP, GROUP).float()  # (N, G, 32)
+        d, m = (t.permute(0, 2, 1).reshape(N, K // GROUP, 1) for t in (self.d, self.m))  # (N, G, 1) each
+        return (q * d + m).view(N, K).to(dtype)
+
+
+def pack_q4_tiles(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """q (N, K) 0..15, d and m (N, K/32) -> BlockQ4Linear's layout: q4 (N/8, K/32, 128) uint8, d and m
+    (N/8, K/32, 8) float32. In a tile's block, chunk c's byte 4i + t holds row i's input 8c + t in its low nibble
+    and input 8c + 4 + t in its high one."""
+    N, K = q.shape
+    q = q.to(torch.uint8).view(N // TILE, TILE, K // GROUP, 4, 2, 4)  # (tiles, row, G, chunk, nibble, input)
+    packed = q[:, :, :, :, 0] | q[:, :, :, :, 1] << 4  # (tiles, row, G, chunk, input)
+    q4 = packed.permute(0, 2, 3, 1, 4).reshape(N // TILE, K // GROUP, TILE * GROUP // 2)
+    d, m = (t.float().view(N // TILE, TILE, K // GROUP).permute(0, 2, 1) for t in (d, m))  # (tiles, G, 8) each
+    return q4.contiguous(), d.contiguous(), m.contiguous()
 
 
 class BlockQ8Linear(DenseCopy, nn.Module):
@@ -424,7 +441,7 @@ def plan(model, scheme: str, int4_names: set[str] | None = None) -> dict[str, st
         n_out, n_in = mod.out_features, mod.in_features
         want4 = scheme == "int4" or (scheme == "gguf" and f"{name}.weight" in (int4_names or set()))
         if own and n_in % GROUP == 0:
-            kinds[name] = "q4" if want4 else "q8"
+            kinds[name] = "q4" if want4 and n_out % TILE == 0 else "q8"
         else:
             kinds[name] = "int4" if want4 and cpu_int4_ok(n_out, n_in) else "int8"
     kinds["tok_embeddings"] = "int8"
@@ -505,11 +522,7 @@ def kernel_dtype_for(dtype: torch.dtype) -> torch.dtype:
 def fill(dst: nn.Module, w: torch.Tensor, blocks: tuple | None, dtype):
     """Quantize float weight w (N, K) into an empty quantized linear (int4 from GGUF blocks if given)."""
     if isinstance(dst, BlockQ4Linear):
-        q, s, m = blocks if blocks is not None else int4_groups(w)
-        N, K = q.shape
-        halves = q.view(N, K // GROUP, GROUP)  # (N, G, 32): byte j = weight j | weight j+16 << 4
-        dst.q4 = (halves[..., :16] | halves[..., 16:] << 4).reshape(N, K // 2).contiguous()
-        dst.d, dst.m = s.float().contiguous(), m.float().contiguous()
+        dst.q4, dst.d, dst.m = pack_q4_tiles(*(blocks if blocks is not None else int4_groups(w)))
     elif isinstance(dst, BlockQ8Linear):
         q, s = int8_groups(w)
         dst.q8, dst.d = q.contiguous(), s.float().contiguous()

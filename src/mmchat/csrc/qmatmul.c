@@ -9,14 +9,15 @@
  * cheap as one row. Output rows of W are split over threads (OpenMP: the process's libgomp, torch's own).
  *
  * Layouts (all row-major, contiguous):
- *   q4 (N, K/2) uint8: per block of 32, byte j holds weight j in its low nibble and weight j+16 in its high one;
- *   q8 (N, K) int8; d, m (N, K/32) float32; x (M, K) float32; y (M, N) float32.
+ *   q4 (N/8, K/32, 128) uint8 and d, m (N/8, K/32, 8) float32: W's rows in tiles of 8, interleaved (q4_tile);
+ *   q8 (N, K) int8, d (N, K/32) float32; x (M, K) float32; y (M, N) float32.
  * Needs AVX2 (every x86-64 CPU of the last decade); uses AVX-VNNI / AVX-512 VNNI where the compiler targets it.
  */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define ROWS 8 /* activation rows handled per pass over the weights */
 
@@ -70,29 +71,46 @@ static inline float hsum(__m256 v) {
 
 static void *scratch(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64); }
 
-/* One output row of W against R activation rows (R a constant after inlining, so the accumulators stay in
- * registers). xq points at the first of the R rows; dxt and sxt hold the activation scales and block sums
- * transposed, (G, ROWS), so a block's R scales are one vector multiply and its R minimum terms one FMA. */
-static inline __attribute__((always_inline)) void q4_row(const uint8_t *wq, const float *wd, const float *wm,
+/* Eight output rows of W (a tile) against R activation rows (R a constant after inlining, so the accumulators
+ * stay in registers). The tile's weights are interleaved so that one 32-byte vector holds 4 consecutive inputs of
+ * each of the 8 rows: one multiply-add of it with 4 activation bytes broadcast to every lane gives all 8 rows'
+ * partial sums at once, and a block's 8 such products add up in 16 bits (each at most 8 * 2 * 15 * 127 < 2^15).
+ * So one conversion and one FMA serve 8 outputs, and every output gets the same chain of block FMAs whatever R
+ * is: a row's result does not depend on which rows share its batch.
+ * w: (G, 128) bytes for this tile, per block 4 chunks of 32: chunk c, byte 4i+t holds row i's input 8c+t in its
+ * low nibble and input 8c+4+t in its high one. d, m: (G, 8) for this tile. xq points at the first of the R rows;
+ * dxt and sxt are their scales and block sums, (G, ROWS). y: the tile's first output of the first row. */
+static inline __attribute__((always_inline)) void q4_tile(const uint8_t *w, const float *d, const float *m,
         const int8_t *xq, const float *dxt, const float *sxt, float *y, int N, int G, const int R) {
-    __m256 acc[ROWS], mins = _mm256_setzero_ps();
-    float scales[ROWS] __attribute__((aligned(32)));
-    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    __m256 acc[ROWS], mins[ROWS];
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    for (int r = 0; r < R; r++) acc[r] = mins[r] = _mm256_setzero_ps();
     for (int g = 0; g < G; g++) {
-        __m128i bytes = _mm_loadu_si128((const __m128i *)(wq + g * 16));
-        __m256i w = _mm256_and_si256(  /* weights 0..15 from the low nibbles, 16..31 from the high ones */
-            _mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes), _mm256_set1_epi8(0x0F));
-        _mm256_store_ps(scales, _mm256_mul_ps(_mm256_set1_ps(wd[g]), _mm256_loadu_ps(dxt + g * ROWS)));
-        mins = _mm256_fmadd_ps(_mm256_set1_ps(wm[g]), _mm256_loadu_ps(sxt + g * ROWS), mins);
+        __m256i v[8];  /* v[j]: inputs 4j..4j+3 of the 8 rows */
+        for (int c = 0; c < 4; c++) {
+            __m256i bytes = _mm256_loadu_si256((const __m256i *)(w + (size_t)g * 128 + c * 32));
+            v[2 * c] = _mm256_and_si256(bytes, low);
+            v[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
+        }
+        __m256 wd = _mm256_loadu_ps(d + g * 8), wm = _mm256_loadu_ps(m + g * 8);
         for (int r = 0; r < R; r++) {
-            __m256i a = _mm256_loadu_si256((const __m256i *)(xq + ((size_t)r * G + g) * 32));
-            __m256 p = _mm256_cvtepi32_ps(dot_u8_s8(w, a));
-            acc[r] = _mm256_fmadd_ps(p, _mm256_broadcast_ss(scales + r), acc[r]);
+            const int8_t *a = xq + ((size_t)r * G + g) * 32;
+            int32_t four[8];
+            memcpy(four, a, 32);
+#if defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512VL__))
+            __m256i sum = _mm256_setzero_si256();
+            for (int j = 0; j < 8; j++) sum = _mm256_dpbusd_epi32(sum, v[j], _mm256_set1_epi32(four[j]));
+#else
+            __m256i s16 = _mm256_maddubs_epi16(v[0], _mm256_set1_epi32(four[0]));
+            for (int j = 1; j < 8; j++) s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(v[j], _mm256_set1_epi32(four[j])));
+            __m256i sum = _mm256_madd_epi16(s16, _mm256_set1_epi16(1));
+#endif
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(wd, _mm256_set1_ps(dxt[g * ROWS + r])),
+                                     acc[r]);
+            mins[r] = _mm256_fmadd_ps(wm, _mm256_set1_ps(sxt[g * ROWS + r]), mins[r]);
         }
     }
-    float m[ROWS] __attribute__((aligned(32)));
-    _mm256_store_ps(m, mins);
-    for (int r = 0; r < R; r++) y[(size_t)r * N] = hsum(acc[r]) + m[r];
+    for (int r = 0; r < R; r++) _mm256_storeu_ps(y + (size_t)r * N, _mm256_add_ps(acc[r], mins[r]));
 }
 
 static inline __attribute__((always_inline)) void q8_row(const int8_t *wq, const float *wd,
@@ -141,15 +159,18 @@ static void block_matmul_team(int bits, const void *q, const float *d, const flo
     for (int i0 = 0; i0 < M; i0 += ROWS) {
         int R = M - i0 < ROWS ? M - i0 : ROWS;
         const float *dxt = t.dxt + (size_t)(i0 / ROWS) * G * ROWS, *sxt = t.sxt + (size_t)(i0 / ROWS) * G * ROWS;
-        #pragma omp for schedule(static)
-        for (int n = 0; n < N; n++) {
-#define Q4_CALL(r) q4_row((const uint8_t *)q + (size_t)n * (K / 2), d + (size_t)n * G, m + (size_t)n * G, \
-                          t.xq + (size_t)i0 * K, dxt, sxt, y + (size_t)i0 * N + n, N, G, r)
-#define Q8_CALL(r) q8_row((const int8_t *)q + (size_t)n * K, d + (size_t)n * G, t.xq + (size_t)i0 * K, dxt, \
-                          y + (size_t)i0 * N + n, N, G, r)
-            if (bits == 4) {
+        const int8_t *xq = t.xq + (size_t)i0 * K;
+        if (bits == 4) {
+            #pragma omp for schedule(static)
+            for (int n = 0; n < N; n += 8) {
+#define Q4_CALL(r) q4_tile((const uint8_t *)q + (size_t)n * (K / 2), d + (size_t)n * G, m + (size_t)n * G, xq, dxt, \
+                           sxt, y + (size_t)i0 * N + n, N, G, r)
                 FOR_R(R, Q4_CALL)
-            } else {
+            }
+        } else {
+            #pragma omp for schedule(static)
+            for (int n = 0; n < N; n++) {
+#define Q8_CALL(r) q8_row((const int8_t *)q + (size_t)n * K, d + (size_t)n * G, xq, dxt, y + (size_t)i0 * N + n, N, G, r)
                 FOR_R(R, Q8_CALL)
             }
         }
