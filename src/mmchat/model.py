@@ -140,7 +140,7 @@ class Attention(nn.Module):
         q, k = qk[:, :nh], qk[:, nh:]  # (B, nh, T, hs), (B, nkv, T, hs)
         if self.cache is not None:
             # the mask's width says how many leading slots can be seen: attend to those, not all of them
-            k, v = self.cache.update(input_pos, k, v, cache_rows, mask.size(-1) if mask is not None else None)
+            k, v = self.cache.update(input_pos, k, v, cache_rows, mask.size(-1) if mask is not None else T)
         if self.use_reference:
             groups = self.n_head // self.n_kv_head
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, nh, S, hs)
@@ -293,8 +293,9 @@ class Transformer(nn.Module):
         if self.cfg.arch == "llama":
             cos, sin = self.rope(x.device, x.dtype)
             rope = (cos[input_pos].unsqueeze(1), sin[input_pos].unsqueeze(1))  # (B, 1, T, hs) each
-        mask = None  # None: plain causal attention over these T tokens
-        if self.cache_len:
+        mask = None  # None: plain causal attention over these T tokens (a cache's first T slots)
+        fresh = T > 1 and torch.equal(input_pos, torch.arange(T, device=x.device).expand(B, T))
+        if self.cache_len and not fresh:  # a prompt from position 0 needs no mask: SDPA's causal path skips half
             slots = torch.arange(self.attend_len(input_pos), device=x.device)  # (S,)
             mask = (slots[None, None, :] <= input_pos[:, :, None]).unsqueeze(1)  # (B, 1, T, S)
             if T == 1 and not self.reference_attention:
