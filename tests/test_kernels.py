@@ -46,6 +46,7 @@ def test_q4_tiles_hold_the_blocks_exactly_and_a_row_is_the_same_alone_or_batched
     q, scale, low = Q.int4_groups(w)
     lin = Q.BlockQ4Linear(96, 40, False, torch.float32)
     Q.fill(lin, w, None, torch.float32)
+    scale, low = scale.half().float(), low.half().float()  # kept in float16, like GGUF's blocks
     blocks = (q.float().view(40, 3, 32) * scale[..., None] + low[..., None]).view(40, 96)
     assert torch.equal(lin.dequantize(torch.float32), blocks)
     x = torch.randn(11, 96, generator=g)

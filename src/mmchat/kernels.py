@@ -47,9 +47,9 @@ def _compiler() -> str | None:
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The built kernels, or None where they cannot be (not x86-64 with AVX2, no compiler, a failed build,
-    or MMCHAT_KERNELS=torch)."""
-    if os.environ.get("MMCHAT_KERNELS") == "torch" or "avx2" not in _cpu_flags().split():
+    """The built kernels, or None where they cannot be (not x86-64 with AVX2, FMA and F16C, no compiler, a
+    failed build, or MMCHAT_KERNELS=torch)."""
+    if os.environ.get("MMCHAT_KERNELS") == "torch" or not {"avx2", "fma", "f16c"} <= set(_cpu_flags().split()):
         return None
     from .registry import home
     flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
@@ -87,7 +87,7 @@ def available() -> bool:
 
 def q4_matmul(x: torch.Tensor, q4: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """x (M, K) float32 -> (M, N) float32 for W in 4-bit blocks, rows in tiles of 8 (quantize.BlockQ4Linear):
-    q4 (N/8, K/32, 128) uint8, d and m (N/8, K/32, 8)."""
+    q4 (N/8, K/32, 128) uint8, d and m (N/8, K/32, 8) float16."""
     x = x.contiguous()
     M, K = x.shape
     N = q4.size(0) * d.size(-1)

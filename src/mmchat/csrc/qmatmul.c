@@ -9,7 +9,7 @@
  * cheap as one row. Output rows of W are split over threads (OpenMP: the process's libgomp, torch's own).
  *
  * Layouts (all row-major, contiguous):
- *   q4 (N/8, K/32, 128) uint8 and d, m (N/8, K/32, 8) float32: W's rows in tiles of 8, interleaved (q4_tile);
+ *   q4 (N/8, K/32, 128) uint8 and d, m (N/8, K/32, 8) float16: W's rows in tiles of 8, interleaved (q4_tile);
  *   q8 (N, K) int8, d (N, K/32) float32; x (M, K) float32; y (M, N) float32.
  * Needs AVX2 (every x86-64 CPU of the last decade); uses AVX-VNNI / AVX-512 VNNI where the compiler targets it.
  */
@@ -78,9 +78,9 @@ static void *scratch(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 
  * So one conversion and one FMA serve 8 outputs, and every output gets the same chain of block FMAs whatever R
  * is: a row's result does not depend on which rows share its batch.
  * w: (G, 128) bytes for this tile, per block 4 chunks of 32: chunk c, byte 4i+t holds row i's input 8c+t in its
- * low nibble and input 8c+4+t in its high one. d, m: (G, 8) for this tile. xq points at the first of the R rows;
- * dxt and sxt are their scales and block sums, (G, ROWS). y: the tile's first output of the first row. */
-static inline __attribute__((always_inline)) void q4_tile(const uint8_t *w, const float *d, const float *m,
+ * low nibble and input 8c+4+t in its high one. d, m: (G, 8) float16 for this tile. xq points at the first of the
+ * R rows; dxt and sxt are their scales and block sums, (G, ROWS). y: the tile's first output of the first row. */
+static inline __attribute__((always_inline)) void q4_tile(const uint8_t *w, const uint16_t *d, const uint16_t *m,
         const int8_t *xq, const float *dxt, const float *sxt, float *y, int N, int G, const int R) {
     __m256 acc[ROWS], mins[ROWS];
     const __m256i low = _mm256_set1_epi8(0x0F);
@@ -92,7 +92,8 @@ static inline __attribute__((always_inline)) void q4_tile(const uint8_t *w, cons
             v[2 * c] = _mm256_and_si256(bytes, low);
             v[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
         }
-        __m256 wd = _mm256_loadu_ps(d + g * 8), wm = _mm256_loadu_ps(m + g * 8);
+        __m256 wd = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d + g * 8)));  /* float16 -> float32 */
+        __m256 wm = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m + g * 8)));
         for (int r = 0; r < R; r++) {
             const int8_t *a = xq + ((size_t)r * G + g) * 32;
             int32_t four[8];
@@ -102,7 +103,8 @@ static inline __attribute__((always_inline)) void q4_tile(const uint8_t *w, cons
             for (int j = 0; j < 8; j++) sum = _mm256_dpbusd_epi32(sum, v[j], _mm256_set1_epi32(four[j]));
 #else
             __m256i s16 = _mm256_maddubs_epi16(v[0], _mm256_set1_epi32(four[0]));
-            for (int j = 1; j < 8; j++) s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(v[j], _mm256_set1_epi32(four[j])));
+            for (int j = 1; j < 8; j++)
+                s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(v[j], _mm256_set1_epi32(four[j])));
             __m256i sum = _mm256_madd_epi16(s16, _mm256_set1_epi16(1));
 #endif
             acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(wd, _mm256_set1_ps(dxt[g * ROWS + r])),
@@ -152,7 +154,7 @@ static void qscratch_free(qscratch t) { free(t.xq); free(t.dxt); free(t.sxt); }
 /* y = x W^T for W in 4-bit (bits 4: q, d, m) or 8-bit blocks (bits 8: q, d), called by every thread of a team:
  * the rows of x quantized once, then every ROWS of them against all of W, output rows split over the threads.
  * Returns after the team's barrier, so y is complete. */
-static void block_matmul_team(int bits, const void *q, const float *d, const float *m, const float *x, float *y,
+static void block_matmul_team(int bits, const void *q, const void *d, const void *m, const float *x, float *y,
                               int M, int N, int K, qscratch t) {
     int G = K / 32;
     quantize_rows(x, M, K, t.xq, t.dxt, t.sxt);
@@ -163,21 +165,22 @@ static void block_matmul_team(int bits, const void *q, const float *d, const flo
         if (bits == 4) {
             #pragma omp for schedule(static)
             for (int n = 0; n < N; n += 8) {
-#define Q4_CALL(r) q4_tile((const uint8_t *)q + (size_t)n * (K / 2), d + (size_t)n * G, m + (size_t)n * G, xq, dxt, \
-                           sxt, y + (size_t)i0 * N + n, N, G, r)
+#define Q4_CALL(r) q4_tile((const uint8_t *)q + (size_t)n * (K / 2), (const uint16_t *)d + (size_t)n * G, \
+                           (const uint16_t *)m + (size_t)n * G, xq, dxt, sxt, y + (size_t)i0 * N + n, N, G, r)
                 FOR_R(R, Q4_CALL)
             }
         } else {
             #pragma omp for schedule(static)
             for (int n = 0; n < N; n++) {
-#define Q8_CALL(r) q8_row((const int8_t *)q + (size_t)n * K, d + (size_t)n * G, xq, dxt, y + (size_t)i0 * N + n, N, G, r)
+#define Q8_CALL(r) q8_row((const int8_t *)q + (size_t)n * K, (const float *)d + (size_t)n * G, xq, dxt, \
+                           y + (size_t)i0 * N + n, N, G, r)
                 FOR_R(R, Q8_CALL)
             }
         }
     }
 }
 
-static void block_matmul(int bits, const void *q, const float *d, const float *m, const float *x, float *y,
+static void block_matmul(int bits, const void *q, const void *d, const void *m, const float *x, float *y,
                          int M, int N, int K, int threads) {
     qscratch t = qscratch_new(M, K);
     #pragma omp parallel num_threads(threads)
@@ -185,7 +188,7 @@ static void block_matmul(int bits, const void *q, const float *d, const float *m
     qscratch_free(t);
 }
 
-void q4_matmul(const uint8_t *q4, const float *d, const float *m, const float *x, float *y,
+void q4_matmul(const uint8_t *q4, const uint16_t *d, const uint16_t *m, const float *x, float *y,
                int M, int N, int K, int threads) {
     block_matmul(4, q4, d, m, x, y, M, N, K, threads);
 }
@@ -203,7 +206,7 @@ void q8_matmul(const int8_t *q8, const float *d, const float *x, float *y, int M
 typedef struct {
     int kind;            /* 4: q4 blocks (q, d, m); 8: q8 blocks (q, d) */
     const void *q;
-    const float *d, *m;
+    const void *d, *m;  /* q4: float16 (as bits); q8: float32 */
     int n_out, n_in;
 } qlinear;
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-CACHE_VERSION = 5
+CACHE_VERSION = 6
 
 
 def entry_stem(root: Path, source: Path, variant: str) -> Path:
