@@ -52,8 +52,8 @@ def wait_for(cond, timeout=60.0):
 def test_terminal_chat_remembers_saves_stops_and_resumes(smollm2_path, tmp_path):
     # greedy and short answers keep it quick; the memory check needs the first turn in the second prompt
     child, cid = spawn(smollm2_path, tmp_path, "--temperature", "0", "--max-tokens", "24")
-    say(child, "I have a dog called Rex.")
-    second, prefilled, total = say(child, "What is my dog called?")
+    say(child, "My name is Rex.")
+    second, prefilled, total = say(child, "What is my name?")
     assert "Rex" in second
     assert prefilled < total / 2  # the first turn came from the cache, not prefilled again
 
@@ -76,11 +76,11 @@ def test_terminal_chat_remembers_saves_stops_and_resumes(smollm2_path, tmp_path)
     child.close()
     assert child.exitstatus == 0
 
-    assert "What is my dog called?" in (tmp_path / "input_history").read_text()  # up-arrow history, next time
+    assert "What is my name?" in (tmp_path / "input_history").read_text()  # up-arrow history, next time
     conv = store.get(cid)
     roles = [m.role for m in conv.messages]
     assert conv.title == "Rex chat"
-    assert [m.content for m in conv.messages[:3:2]] == ["I have a dog called Rex.", "What is my dog called?"]
+    assert [m.content for m in conv.messages[:3:2]] == ["My name is Rex.", "What is my name?"]
     # /regenerate replaced answer 2; Ctrl-C kept a partial answer 3, or took the question back if none had begun
     assert roles in (["user", "assistant"] * 3, ["user", "assistant"] * 2)
     if len(roles) == 6:
@@ -89,7 +89,7 @@ def test_terminal_chat_remembers_saves_stops_and_resumes(smollm2_path, tmp_path)
 
     # resume, then kill -9 in the middle of an answer
     child, cid2 = spawn(smollm2_path, tmp_path, "--resume", cid[:5], "--max-tokens", "400")
-    assert cid2 == cid and "What is my dog called?" in child.before
+    assert cid2 == cid and "What is my name?" in child.before
     child.sendline("Tell me everything you know about dogs.")
     assert wait_for(lambda: len(store.get(cid).messages) == len(before) + 1)
     time.sleep(1.5)
