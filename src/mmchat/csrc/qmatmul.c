@@ -36,20 +36,29 @@ static void quantize_rows(const float *x, int M, int K, int8_t *xq, float *dxt, 
         float *s = sxt + (d - dxt);
         if (row >= M) { *d = *s = 0.f; continue; }
         const float *b = x + (size_t)i * 32;
-        float amax = 0.f;
-        for (int j = 0; j < 32; j++) {
-            float a = fabsf(b[j]);
-            amax = a > amax ? a : amax;
+        __m256 v[4], top = _mm256_setzero_ps();
+        for (int j = 0; j < 4; j++) {
+            v[j] = _mm256_loadu_ps(b + 8 * j);
+            top = _mm256_max_ps(top, _mm256_andnot_ps(_mm256_set1_ps(-0.f), v[j]));  /* |x| */
         }
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
         float scale = amax / 127.f, inv = scale > 0.f ? 1.f / scale : 0.f;
-        int sum = 0;
-        for (int j = 0; j < 32; j++) {
-            int q = (int)lrintf(b[j] * inv);
-            xq[(size_t)i * 32 + j] = (int8_t)q;
-            sum += q;
+        __m256i q[4], sum = _mm256_setzero_si256();
+        for (int j = 0; j < 4; j++) {  /* rounded to nearest, ties to even, like lrintf */
+            q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], _mm256_set1_ps(inv)));
+            sum = _mm256_add_epi32(sum, q[j]);
         }
+        /* 32 int32 -> 32 int8 in order: the packs interleave 128-bit lanes, the permute puts them back */
+        __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)(xq + (size_t)i * 32), bytes);
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
         *d = scale;
-        *s = scale * (float)sum;
+        *s = scale * (float)_mm_cvtsi128_si32(s4);
     }
 }
 
