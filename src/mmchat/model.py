@@ -285,7 +285,7 @@ class Transformer(nn.Module):
         if self.fused_decode is not None and T == 1 and self.cache_len and hidden_states is None \
                 and getattr(self, "adapter_rows", None) is None \
                 and not self.reference_attention:
-            x = self.fused_decode(x, input_pos, cache_rows)  # (B, 1, d): every block in one call per layer
+            x = self.fused_decode(x, input_pos, cache_rows)  # (B, 1, d): every block in one call
             if output_index is not None:
                 x = x[torch.arange(B, device=x.device), output_index][:, None]  # (B, 1, d)
             return self.lm_head(self.norm(x))  # (B, 1, V)
@@ -294,8 +294,8 @@ class Transformer(nn.Module):
             cos, sin = self.rope(x.device, x.dtype)
             rope = (cos[input_pos].unsqueeze(1), sin[input_pos].unsqueeze(1))  # (B, 1, T, hs) each
         mask = None  # None: plain causal attention over these T tokens (a cache's first T slots)
-        fresh = T > 1 and torch.equal(input_pos, torch.arange(T, device=x.device).expand(B, T))
-        if self.cache_len and not fresh:  # a prompt from position 0 needs no mask: SDPA's causal path skips half
+        # a prompt from position 0 needs no mask either: SDPA's causal path skips the masked half
+        if self.cache_len and not (T > 1 and torch.equal(input_pos, torch.arange(T, device=x.device).expand(B, T))):
             slots = torch.arange(self.attend_len(input_pos), device=x.device)  # (S,)
             mask = (slots[None, None, :] <= input_pos[:, :, None]).unsqueeze(1)  # (B, 1, T, S)
             if T == 1 and not self.reference_attention:
