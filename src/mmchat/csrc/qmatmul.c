@@ -1,4 +1,4 @@
-/* Weight-only quantized matmuls for a few rows (decode steps, small batches): y = x W^T.
+/* Weight-only quantized matmuls for decode steps, batches and prompts: y = x W^T.
  *
  * W is kept in GGUF's own blocks of 32 weights along the input, either 4-bit with a scale and a minimum
  * (Q4_1: w = d * q + m, q in 0..15; Q4_0 is m = -8 d) or 8-bit with a scale (Q8_0: w = d * q, q in -127..127).
@@ -11,7 +11,8 @@
  * Layouts (all row-major, contiguous):
  *   q4 (N/8, K/32, 128) uint8 and d, m (N/8, K/32, 8) float16: W's rows in tiles of 8, interleaved (q4_tile);
  *   q8 (N, K) int8, d (N, K/32) float32; x (M, K) float32; y (M, N) float32.
- * Needs AVX2 (every x86-64 CPU of the last decade); uses AVX-VNNI / AVX-512 VNNI where the compiler targets it.
+ * Needs AVX2, FMA and F16C (every x86-64 CPU of the last decade); uses AVX-VNNI / AVX-512 VNNI where the compiler
+ * targets it.
  */
 #include <immintrin.h>
 #include <math.h>
