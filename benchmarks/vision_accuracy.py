@@ -67,7 +67,7 @@ def main():
                       "examples": report["examples"], "photos": photos}
     out = {"machine": f"{cpu_name()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}",
            "torch_threads": torch.get_num_threads(),
-           "mmchat_kernels": llm.model.fused_decode is not None,  # the default path: mmchat's own CPU kernels
+           "mmchat_kernels": llm.model.fused_blocks is not None,  # the default path: mmchat's own CPU kernels
            "ocr": ocr.available(),  # with the `ocr` extra, the words in scenes are also read by OCR
            "scenes": args.scenes, "runs": runs}
     print(f"{out['machine']}; mmchat's kernels: {out['mmchat_kernels']}; OCR line after images: "

@@ -52,7 +52,7 @@ def wait_for(cond, timeout=60.0):
 def test_terminal_chat_remembers_saves_stops_and_resumes(smollm2_path, tmp_path):
     # greedy and short answers keep it quick; the memory check needs the first turn in the second prompt
     child, cid = spawn(smollm2_path, tmp_path, "--temperature", "0", "--max-tokens", "24")
-    say(child, "My name is Rex.")
+    say(child, "Please remember that my name is Rex.")
     second, prefilled, total = say(child, "What is my name?")
     assert "Rex" in second
     assert prefilled < total / 2  # the first turn came from the cache, not prefilled again
@@ -80,7 +80,7 @@ def test_terminal_chat_remembers_saves_stops_and_resumes(smollm2_path, tmp_path)
     conv = store.get(cid)
     roles = [m.role for m in conv.messages]
     assert conv.title == "Rex chat"
-    assert [m.content for m in conv.messages[:3:2]] == ["My name is Rex.", "What is my name?"]
+    assert [m.content for m in conv.messages[:3:2]] == ["Please remember that my name is Rex.", "What is my name?"]
     # /regenerate replaced answer 2; Ctrl-C kept a partial answer 3, or took the question back if none had begun
     assert roles in (["user", "assistant"] * 3, ["user", "assistant"] * 2)
     if len(roles) == 6:

@@ -80,14 +80,14 @@ def _float_copy(model):
     return ref
 
 
-def test_fused_decode_step_equals_the_module_by_module_step():
+def test_fused_blocks_step_equals_the_module_by_module_step():
     """Rows at different positions in other cache rows: the fused step writes the same keys and values and
     its logits are as close to float math on the same weights as the module-by-module step's (both round the
     activations to int8 per block, so tiny float differences upstream can round one value the other way)."""
     model = _tiny_llama()
-    assert kernels.fused_decode_ok(model)
+    assert kernels.fused_blocks_ok(model)
     reference = _float_copy(model)
-    fused = kernels.FusedDecode(model)
+    fused = kernels.FusedBlocks(model)
     B, T = 3, 9
     tokens = torch.randint(0, 160, (B, T), generator=torch.Generator().manual_seed(1))
     step = torch.tensor([[5], [77], [12]])
@@ -96,7 +96,7 @@ def test_fused_decode_step_equals_the_module_by_module_step():
     outs = []
     with torch.inference_mode():
         for net, run in ((reference, None), (model, None), (model, fused)):
-            model.fused_decode = run
+            model.fused_blocks = run
             net.setup_cache(4, 40)
             net(tokens, torch.arange(T).expand(B, T), cache_rows=rows)
             outs.append((net(step, pos, cache_rows=rows)[:, -1], net.layers[0].attn.cache))
@@ -115,7 +115,7 @@ def test_fused_step_does_not_depend_on_the_batch_and_generation_follows_the_eage
     prompts = [[5, 17, 99, 3], [7, 7, 1], [150, 4, 4, 4, 4, 9]]
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     eager = generate_ids(model, prompts, params)
-    model.fused_decode = kernels.FusedDecode(model)
+    model.fused_blocks = kernels.FusedBlocks(model)
     with torch.inference_mode():
         model.setup_cache(3, 32)
         model(torch.randint(0, 160, (3, 6)), torch.arange(6).expand(3, 6))
@@ -128,6 +128,35 @@ def test_fused_step_does_not_depend_on_the_batch_and_generation_follows_the_eage
     assert same >= 0.5 * sum(map(len, eager))
 
 
+def test_a_prompt_through_the_fused_blocks_matches_the_module_path_and_is_the_same_chunked_or_stepped():
+    """A prompt is many rows of one sequence in one call (causal attention over the keys it has just written):
+    its logits are as close to float math as the module path's, and every row's result is the one it gets
+    prefilled in chunks or decoded token by token, bit for bit (each row's arithmetic is its own)."""
+    model = _tiny_llama(seed=5)
+    reference = _float_copy(model)
+    fused = kernels.FusedBlocks(model)
+    tokens = torch.randint(0, 160, (2, 37), generator=torch.Generator().manual_seed(2))  # 37: tiles of 32 and 5
+    pos = torch.arange(37).expand(2, 37)
+    with torch.inference_mode():
+        outs = []
+        for net, run in ((reference, None), (model, None), (model, fused)):
+            model.fused_blocks = run
+            net.setup_cache(2, 48)
+            outs.append(net(tokens, pos))  # (2, 37, V)
+        exact, eager, whole = outs
+        eager_err, fused_err = (eager - exact).abs().max(), (whole - exact).abs().max()
+        assert eager_err < 0.2 and fused_err < 1.5 * eager_err + 1e-3, (eager_err, fused_err)
+        model.setup_cache(2, 48)
+        chunked = torch.cat([model(tokens[:, a:b], pos[:, a:b]) for a, b in ((0, 20), (20, 36), (36, 37))], dim=1)
+        assert torch.equal(chunked, whole)
+        model.setup_cache(2, 48)
+        model(tokens[:, :30], pos[:, :30])
+        stepped = torch.cat([model(tokens[:, t:t + 1], pos[:, t:t + 1]) for t in range(30, 37)], dim=1)
+        assert torch.equal(stepped, whole[:, 30:])
+        with pytest.raises(ValueError, match="past the cache"):
+            model(tokens[:, :1], torch.tensor([[48], [3]]))
+
+
 @pytest.mark.slow
 def test_smollm2_decodes_through_the_fused_step_within_2_percent_of_float32(smollm2_path):
     """The embedded model as `mmchat chat` loads it (Q4_1 blocks, fused decode step), reading an English text
@@ -137,7 +166,7 @@ def test_smollm2_decodes_through_the_fused_step_within_2_percent_of_float32(smol
     import mmchat
     from importlib.resources import files
     fast = mmchat.load(str(smollm2_path), progress=False)
-    assert fast.model.fused_decode is not None
+    assert fast.model.fused_blocks is not None
     exact = mmchat.load(str(smollm2_path), progress=False, quant="none", dtype="float32")
     ids = fast.encode(files("mmchat").joinpath("data/tiny_corpus.txt").read_text())[:400]  # English prose
 
@@ -165,7 +194,7 @@ def test_a_process_without_the_kernels_does_not_reuse_their_converted_weights(sm
     import subprocess
     import sys
     script = ("import mmchat; llm = mmchat.load({path!r}, progress=False); "
-              "print(type(llm.model.layers[0].mlp.w_up).__name__, llm.model.fused_decode is not None); "
+              "print(type(llm.model.layers[0].mlp.w_up).__name__, llm.model.fused_blocks is not None); "
               "print(llm.generate('The capital of France is', max_tokens=4, temperature=0).strip())")
     env = dict(os.environ, MMCHAT_HOME=str(tmp_path), MMCHAT_THREADS="1")
     for kernels_env, kind in ((None, "BlockQ4Linear True"), ("torch", "Int4Linear False")):

@@ -235,18 +235,18 @@ def test_image_rows_decode_with_their_lora_on_the_fused_kernels():
                       max_seq_len=64, tie_embeddings=True)
     torch.manual_seed(0)
     model = Q.quantize(Transformer(cfg).eval(), "int4")
-    model.fused_decode = kernels.FusedDecode(model)
+    model.fused_blocks = kernels.FusedBlocks(model)
     random_adapter(cfg, lora=True).attach_lora(model)
     prompt, step = torch.randint(0, 160, (1, 6)), torch.tensor([[7]])
 
     def decode(rows, fused):
-        model.fused_decode, model.adapter_rows = fused, rows
+        model.fused_blocks, model.adapter_rows = fused, rows
         with torch.inference_mode():
             model.setup_cache(1, 16)
             model(prompt, torch.arange(6)[None])
             return model(step, torch.tensor([[6]]))[:, -1]  # (1, V)
 
-    fused = model.fused_decode
+    fused = model.fused_blocks
     with_lora = decode(torch.tensor([True]), None)  # the module path, LoRA on
     assert torch.allclose(decode(torch.tensor([True]), fused), with_lora)
     assert not torch.allclose(decode(None, fused), with_lora, atol=1e-3)  # text rows: fused, no LoRA

@@ -223,7 +223,7 @@ def test_quantized_model_from_cache_equals_the_fresh_one(smollm2_path, tmp_path,
     assert Q.kinds_of(cached.model) == Q.kinds_of(fresh.model)
     from mmchat import kernels
     assert isinstance(cached.model.layers[0].mlp.w_up, Q.BlockQ4Linear if kernels.available() else Q.Int4Linear)
-    assert (cached.model.fused_decode is not None) == kernels.available()
+    assert (cached.model.fused_blocks is not None) == kernels.available()
     ids = torch.tensor([fresh.encode("Hello, how are you today?")])
     with torch.inference_mode():
         assert torch.equal(fresh.model(ids), cached.model(ids))

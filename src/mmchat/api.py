@@ -177,8 +177,8 @@ class LLM:
                   name=model if not Path(model).exists() else Path(model).stem)
         if quantize.choose_compile(compile, dev_type):
             quantize.compile_decode(net, registry.home() / "inductor", progress)
-        elif kernels.fused_decode_ok(net):
-            net.fused_decode = kernels.FusedDecode(net)
+        elif kernels.fused_blocks_ok(net):
+            net.fused_blocks = kernels.FusedBlocks(net)
         llm.load_seconds = time.perf_counter() - start
         return llm
 

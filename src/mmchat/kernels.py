@@ -107,7 +107,7 @@ def q8_matmul(x: torch.Tensor, q8: torch.Tensor, d: torch.Tensor) -> torch.Tenso
     return y
 
 
-# -- a whole decode step's blocks ---------------------------------------------------------------------------------
+# -- every block of a forward pass with a KV cache ----------------------------------------------------------------
 class _QLinear(ctypes.Structure):
     _fields_ = [("kind", _int), ("q", _ptr), ("d", _ptr), ("m", _ptr), ("n_out", _int), ("n_in", _int)]
 
@@ -118,12 +118,13 @@ def _qlinear(mod) -> _QLinear:
     return _QLinear(8, mod.q8.data_ptr(), mod.d.data_ptr(), None, mod.out_features, mod.in_features)
 
 
-def fused_decode_ok(model) -> bool:
-    """Whether `FusedDecode` can run this model: a Llama-family float32 model without biases whose block
+def fused_blocks_ok(model) -> bool:
+    """Whether `FusedBlocks` can run this model: a Llama-family float32 model without biases whose block
     projections are all on mmchat's kernels (q4/q8 blocks)."""
     from .quantize import BlockQ4Linear, BlockQ8Linear
     cfg = model.cfg
-    if not available() or cfg.arch != "llama" or model.norm.weight.dtype != torch.float32 or cfg.head_dim > 512:
+    if not available() or cfg.arch != "llama" or model.norm.weight.dtype != torch.float32 \
+            or cfg.head_dim > 512 or cfg.head_dim % 16:
         return False
     return all(isinstance(lin, (BlockQ4Linear, BlockQ8Linear)) and lin.bias is None
                for layer in model.layers for lin in (layer.attn.wqkv, layer.attn.wo, layer.mlp.w_up, layer.mlp.w_down))
@@ -134,10 +135,10 @@ class _Layer(ctypes.Structure):
                 ("wdown", _QLinear), ("k_cache", _ptr), ("v_cache", _ptr)]
 
 
-class FusedDecode:
-    """Runs every block of a decode step (one new token per row, KV cache set up) as one call into
-    csrc/qmatmul.c's llama_decode_layers. The weights' addresses are gathered once, the caches' again whenever
-    the model's caches are replaced (a new cache set up, or another generation's swapped in)."""
+class FusedBlocks:
+    """Runs every block of a forward pass with the KV cache set up (a decode step, a prompt, or a batch of
+    either) as one call into csrc/qmatmul.c's llama_layers. The weights' addresses are gathered once, the caches'
+    again whenever the model's caches are replaced (a new cache set up, or another generation's swapped in)."""
 
     def __init__(self, model):
         self.model = model
@@ -146,26 +147,31 @@ class FusedDecode:
                    *[_qlinear(m) for m in (layer.attn.wqkv, layer.attn.wo, layer.mlp.w_up, layer.mlp.w_down)])
             for layer in model.layers])
         self.first_cache = lambda: None  # the first layer's cache when self.layers took the caches' addresses
-        fn = library().llama_decode_layers
+        fn = library().llama_layers
         fn.argtypes = [_ptr, ctypes.POINTER(_Layer), _int, ctypes.c_float] + [_ptr] * 4 + [_int] * 6
         fn.restype = None
         self.fn = fn
 
     def __call__(self, x: torch.Tensor, input_pos: torch.Tensor, cache_rows: torch.Tensor | None) -> torch.Tensor:
-        """x (B, 1, d) float32 -> the residual stream after the last block (B, 1, d)."""
+        """x (B, T, d) float32 at positions input_pos (B, T) -> the residual stream after the last block (B, T, d).
+        Row b uses cache row cache_rows[b] (default b)."""
         model, cfg = self.model, self.model.cfg
         if self.first_cache() is not model.layers[0].attn.cache:  # caches are always replaced all together
             caches = [layer.attn.cache for layer in model.layers]
             for entry, cache in zip(self.layers, caches):
                 entry.k_cache, entry.v_cache = cache.k.data_ptr(), cache.v.data_ptr()
             self.first_cache = weakref.ref(caches[0])  # weak: a cache the model let go of is freed
-            self.slots = caches[0].k.size(2)
-        B = x.size(0)
+            self.cache_shape = caches[0].k.shape  # (rows, nkv, slots, hs)
+        B, T, _ = x.shape
+        if int(input_pos.max()) >= self.cache_shape[2] or B > self.cache_shape[0] or \
+                (cache_rows is not None and int(cache_rows.max()) >= self.cache_shape[0]):  # C writes unchecked
+            raise ValueError(f"positions or cache rows past the cache set up ({tuple(self.cache_shape[:3:2])})")
         x = x.contiguous().clone()  # updated in place
-        pos = input_pos[:, 0].contiguous()  # (B,) int64
-        rows = (torch.arange(B) if cache_rows is None else cache_rows).to(torch.int64).contiguous()  # (B,)
+        pos = input_pos.to(torch.int64).contiguous()  # (B, T): one row of the call per token
+        rows = (torch.arange(B) if cache_rows is None else cache_rows).to(torch.int64)  # (B,)
+        rows = rows[:, None].expand(B, T).contiguous()  # (B, T)
         cos, sin = model.rope(x.device, torch.float32)  # (max_len, hs) each
         self.fn(x.data_ptr(), self.layers, len(self.layers), cfg.norm_eps, cos.data_ptr(), sin.data_ptr(),
-                pos.data_ptr(), rows.data_ptr(), B, cfg.n_head, cfg.n_kv_head, cfg.head_dim, self.slots,
+                pos.data_ptr(), rows.data_ptr(), B * T, cfg.n_head, cfg.n_kv_head, cfg.head_dim, self.cache_shape[2],
                 torch.get_num_threads())
         return x

@@ -203,9 +203,9 @@ class Transformer(nn.Module):
         self.cache_len = 0
         self._rope = None
         self._compiled_block = None  # see compile_decode
-        # callable(x, input_pos, cache_rows) -> x running all blocks of a decode step at once (mmchat.kernels
-        # .FusedDecode, installed by the loader for quantized models on mmchat's own CPU kernels)
-        self.fused_decode = None
+        # callable(x, input_pos, cache_rows) -> x running all blocks at once when a cache is set up (mmchat
+        # .kernels.FusedBlocks, installed by the loader for quantized models on mmchat's own CPU kernels)
+        self.fused_blocks = None
         self.reference_attention = False  # see set_reference_attention
 
     # -- KV cache -------------------------------------------------------------------------------------------
@@ -282,13 +282,20 @@ class Transformer(nn.Module):
             x = x + self.pos_embeddings(input_pos)  # (B, T, d)
         # rows that carry an image take the module path: the image adapter's low-rank update (RowLoRA) wraps
         # modules that the fused blocks do not call
-        if self.fused_decode is not None and T == 1 and self.cache_len and hidden_states is None \
-                and getattr(self, "adapter_rows", None) is None \
-                and not self.reference_attention:
-            x = self.fused_decode(x, input_pos, cache_rows)  # (B, 1, d): every block in one call
-            if output_index is not None:
-                x = x[torch.arange(B, device=x.device), output_index][:, None]  # (B, 1, d)
-            return self.lm_head(self.norm(x))  # (B, 1, V)
+        if self.fused_blocks is not None and self.cache_len and hidden_states is None \
+                and getattr(self, "adapter_rows", None) is None and not self.reference_attention:
+            x = self.fused_blocks(x, input_pos, cache_rows)  # (B, T, d): every block in one call
+        else:
+            x = self._blocks(x, input_pos, cache_rows, hidden_states)  # (B, T, d)
+        if output_index is not None:
+            x = x[torch.arange(B, device=x.device), output_index][:, None]  # (B, 1, d)
+        elif keep is not None:
+            x = x[keep]  # (N, d)
+        return self.lm_head(self.norm(x))  # (B, T, V)
+
+    def _blocks(self, x, input_pos, cache_rows, hidden_states):
+        """The blocks one module at a time (any model, any device; the reference for the fused path)."""
+        B, T, _ = x.shape
         rope = None
         if self.cfg.arch == "llama":
             cos, sin = self.rope(x.device, x.dtype)
@@ -312,11 +319,7 @@ class Transformer(nn.Module):
                 run(layer, x, rope, input_pos, mask, cache_rows)
             if hidden_states is not None:
                 hidden_states.append(x)
-        if output_index is not None:
-            x = x[torch.arange(B, device=x.device), output_index][:, None]  # (B, 1, d)
-        elif keep is not None:
-            x = x[keep]  # (N, d)
-        return self.lm_head(self.norm(x))  # (B, T, V)
+        return x
 
 
 def empty_model(cfg: ModelConfig) -> Transformer:

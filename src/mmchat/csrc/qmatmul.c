@@ -16,6 +16,7 @@
  */
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -207,12 +208,16 @@ void q8_matmul(const int8_t *q8, const float *d, const float *x, float *y, int M
     block_matmul(8, q8, d, NULL, x, y, M, N, K, threads);
 }
 
-/* ---- a decode step's blocks (one new token per sequence) ----------------------------------------------------
- * The same arithmetic as model.py's Block with a KV cache, for B sequences at their own positions: RMSNorm,
- * the fused Q/K/V projection, rotary embeddings, the cache write, grouped-query attention over the slots up to
- * each sequence's position, the output projection, RMSNorm, SwiGLU MLP, two residual adds. Every layer of the
- * step runs in one call from Python and one OpenMP team: its threads split each phase and meet at a barrier
- * between phases, instead of starting a parallel region per matmul (150 per step for SmolLM2, ~5 us each). */
+/* ---- every block of a forward pass with a KV cache: decode steps and prompts -------------------------------
+ * The same arithmetic as model.py's Block with a KV cache, for N rows, each a token of some sequence at its own
+ * position in its own cache row: RMSNorm, the fused Q/K/V projection, rotary embeddings, the cache write,
+ * grouped-query attention over the slots up to the row's position, the output projection, RMSNorm, SwiGLU MLP,
+ * two residual adds. A decode step is one row per sequence; a prompt is many rows of one sequence at
+ * consecutive positions, whose keys are all written before any row attends (causal attention). Every layer runs
+ * in one call from Python and one OpenMP team: its threads split each phase and meet at a barrier between
+ * phases, instead of starting a parallel region per matmul (150 per step for SmolLM2, ~5 us each).
+ * Each row's result is the same whatever rows share its call (per-row activation scales, per-query sums in a
+ * fixed order), so a prompt's last row gives exactly the logits that decoding that token alone would. */
 typedef struct {
     int kind;            /* 4: q4 blocks (q, d, m); 8: q8 blocks (q, d) */
     const void *q;
@@ -230,23 +235,31 @@ static void qlinear_team(const qlinear *L, const float *x, float *y, int M, qscr
     block_matmul_team(L->kind, L->q, L->d, L->m, x, y, M, L->n_out, L->n_in, t);
 }
 
-static void rms_norm(const float *x, const float *w, float eps, float *out, int B, int D) {
-    for (int b = 0; b < B; b++) {
-        const float *xb = x + (size_t)b * D;
-        float ss = 0.f;
-        for (int i = 0; i < D; i++) ss += xb[i] * xb[i];
-        float r = 1.f / sqrtf(ss / D + eps);
-        for (int i = 0; i < D; i++) out[(size_t)b * D + i] = xb[i] * r * w[i];
-    }
+/* out = x / rms(x) * w for one row of D; x += add first when add is not NULL (the residual) */
+static void rms_norm_row(float *x, const float *add, const float *w, float eps, float *out, int D) {
+    if (add)
+        for (int i = 0; i < D; i++) x[i] += add[i];
+    float ss = 0.f;
+    for (int i = 0; i < D; i++) ss += x[i] * x[i];
+    float r = 1.f / sqrtf(ss / D + eps);
+    for (int i = 0; i < D; i++) out[i] = x[i] * r * w[i];
 }
 
-static inline float dot_f32(const float *a, const float *b, int n) {
-    __m256 acc = _mm256_setzero_ps();
-    int i = 0;
-    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-    float s = hsum(acc);
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
+/* e^x for 8 floats (Cephes' polynomial after x = n ln2 + r): within 2 ulp of expf, clamped to float's range */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.33654f)), _mm256_set1_ps(88.37626f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));  /* times 2^n */
 }
 
 /* x (hs) rotated in place: x * cos + (x2, x1) * sin, with sin's first half negated (model.rope_tables) */
@@ -257,86 +270,204 @@ static void rope(float *x, const float *cos, const float *sin, int hs) {
     for (int i = 0; i < hs; i++) x[i] = tmp[i];
 }
 
-/* what a step's layers share: the activations between phases, sized for B rows */
+/* r[j] <- column j of the 8 x 8 matrix whose rows are r[0..7] */
+static inline void transpose8(__m256 r[8]) {
+    __m256 t[8], u[8];
+    for (int j = 0; j < 8; j += 2) {
+        t[j] = _mm256_unpacklo_ps(r[j], r[j + 1]);
+        t[j + 1] = _mm256_unpackhi_ps(r[j], r[j + 1]);
+    }
+    for (int j = 0; j < 8; j += 4) {
+        u[j] = _mm256_shuffle_ps(t[j], t[j + 2], 0x44);
+        u[j + 1] = _mm256_shuffle_ps(t[j], t[j + 2], 0xEE);
+        u[j + 2] = _mm256_shuffle_ps(t[j + 1], t[j + 3], 0x44);
+        u[j + 3] = _mm256_shuffle_ps(t[j + 1], t[j + 3], 0xEE);
+    }
+    for (int j = 0; j < 4; j++) {
+        r[j] = _mm256_permute2f128_ps(u[j], u[j + 4], 0x20);
+        r[j + 4] = _mm256_permute2f128_ps(u[j], u[j + 4], 0x31);
+    }
+}
+
+static const float zeros[512];
+
+#define TILE_ROWS 32 /* a prompt's consecutive rows that attend together, reading the keys and values once */
+#define QB 6         /* queries per register tile */
+#define KB 16        /* keys (scores) or head dims (outputs) per register tile: two vectors */
+
+/* Attention for one tile of consecutive rows of one sequence (positions p0..p0+R-1) and the g query heads that
+ * share key/value head K, V (slots 0..p0+R-1, hs each): out[row][head] = softmax(q K^T / sqrt(hs)) V over the
+ * slots up to the row's position. Queries m = r * g + j are gathered (scaled) into qs (Mq, hs); the scores go to
+ * sc (Mq, n rounded up to KB), each one an FMA chain over the head dims in order, and each output an FMA chain
+ * over the slots in order, so a query's result does not depend on its tile. kt: (hs, KB) scratch. */
+static void attend_tile(const float *qkv, int W, int R, int head0, int g, int64_t p0, const float *K,
+                        const float *V, int hs, float *out, int out_stride, float *qs, float *sc, float *kt) {
+    int Mq = R * g, Mp = (Mq + QB - 1) / QB * QB, n = (int)p0 + R, np = (n + KB - 1) / KB * KB;
+    float scale = 1.f / sqrtf((float)hs), total[TILE_ROWS * 64];
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < g; j++)
+            for (int i = 0; i < hs; i++) qs[(size_t)(r * g + j) * hs + i] = qkv[(size_t)r * W + (size_t)(head0 + j) * hs + i] * scale;
+    memset(qs + (size_t)Mq * hs, 0, sizeof(float) * (Mp - Mq) * hs);
+    for (int t0 = 0; t0 < np; t0 += KB) {  /* scores, KB slots at a time against every query */
+        for (int tb = 0; tb < KB; tb += 8) {  /* kt (hs, KB) <- K's slots t0+tb.. (8, hs), 8 x 8 at a time */
+            const float *key[8];
+            for (int t = 0; t < 8; t++) key[t] = t0 + tb + t < n ? K + (size_t)(t0 + tb + t) * hs : zeros;
+            for (int i = 0; i < hs; i += 8) {
+                __m256 r[8];
+                for (int t = 0; t < 8; t++) r[t] = _mm256_loadu_ps(key[t] + i);
+                transpose8(r);
+                for (int j = 0; j < 8; j++) _mm256_storeu_ps(kt + (size_t)(i + j) * KB + tb, r[j]);
+            }
+        }
+        for (int m0 = 0; m0 < Mp; m0 += QB) {
+            __m256 acc[QB][2];
+            for (int a = 0; a < QB; a++) acc[a][0] = acc[a][1] = _mm256_setzero_ps();
+            for (int i = 0; i < hs; i++) {
+                __m256 k0 = _mm256_loadu_ps(kt + i * KB), k1 = _mm256_loadu_ps(kt + i * KB + 8);
+                for (int a = 0; a < QB; a++) {
+                    __m256 q = _mm256_broadcast_ss(qs + (size_t)(m0 + a) * hs + i);
+                    acc[a][0] = _mm256_fmadd_ps(q, k0, acc[a][0]);
+                    acc[a][1] = _mm256_fmadd_ps(q, k1, acc[a][1]);
+                }
+            }
+            for (int a = 0; a < QB; a++) {
+                _mm256_storeu_ps(sc + (size_t)(m0 + a) * np + t0, acc[a][0]);
+                _mm256_storeu_ps(sc + (size_t)(m0 + a) * np + t0 + 8, acc[a][1]);
+            }
+        }
+    }
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (int m = 0; m < Mq; m++) {  /* softmax over the slots the query may see; zeros past them */
+        float *p = sc + (size_t)m * np;
+        int seen = (int)p0 + m / g + 1, full = seen / 8 * 8;
+        __m256i tail = _mm256_cmpgt_epi32(_mm256_set1_epi32(seen - full), lanes);  /* the last chunk's seen lanes */
+        __m256 top = _mm256_set1_ps(-INFINITY);
+        for (int t = 0; t < full; t += 8) top = _mm256_max_ps(top, _mm256_loadu_ps(p + t));
+        if (full < seen)
+            top = _mm256_max_ps(top, _mm256_blendv_ps(top, _mm256_loadu_ps(p + full), _mm256_castsi256_ps(tail)));
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        __m256 best = _mm256_set1_ps(_mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)))), sum = _mm256_setzero_ps();
+        for (int t = 0; t < full; t += 8) {
+            __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + t), best));
+            _mm256_storeu_ps(p + t, e);
+            sum = _mm256_add_ps(sum, e);
+        }
+        if (full < seen) {
+            __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(_mm256_loadu_ps(p + full), best)), _mm256_castsi256_ps(tail));
+            _mm256_storeu_ps(p + full, e);
+            sum = _mm256_add_ps(sum, e);
+        }
+        int zeroed = (seen + 7) / 8 * 8;
+        memset(p + zeroed, 0, sizeof(float) * (np - zeroed));
+        total[m] = hsum(sum);
+    }
+    for (int m0 = 0; m0 < Mp; m0 += QB)  /* outputs: the weights times the values, KB head dims at a time */
+        for (int c = 0; c < hs; c += KB) {
+            __m256 acc[QB][2];
+            for (int a = 0; a < QB; a++) acc[a][0] = acc[a][1] = _mm256_setzero_ps();
+            for (int t = 0; t < n; t++) {
+                __m256 v0 = _mm256_loadu_ps(V + (size_t)t * hs + c), v1 = _mm256_loadu_ps(V + (size_t)t * hs + c + 8);
+                for (int a = 0; a < QB; a++) {
+                    __m256 w = _mm256_broadcast_ss(sc + (size_t)(m0 + a) * np + t);
+                    acc[a][0] = _mm256_fmadd_ps(w, v0, acc[a][0]);
+                    acc[a][1] = _mm256_fmadd_ps(w, v1, acc[a][1]);
+                }
+            }
+            for (int a = 0; a < QB && m0 + a < Mq; a++) {
+                int m = m0 + a;
+                __m256 inv = _mm256_set1_ps(1.f / total[m]);
+                float *o = out + (size_t)(m / g) * out_stride + (size_t)(head0 + m % g) * hs + c;
+                _mm256_storeu_ps(o, _mm256_mul_ps(acc[a][0], inv));
+                _mm256_storeu_ps(o + 8, _mm256_mul_ps(acc[a][1], inv));
+            }
+        }
+}
+
+/* what a call's layers share: the activations between phases, sized for N rows; the tiles of rows that attend
+ * together; each thread's attention scratch */
 typedef struct {
-    float *h, *qkv, *att, *o, *up, *scores;
+    float *h, *qkv, *att, *o, *up;
     qscratch t;
+    int n_tiles, *tile_start, *tile_len;
+    float *attn_scratch;
+    size_t attn_stride;
 } step_buffers;
 
-/* one layer, called by every thread of the team; x (B, D) is updated in place */
-static void decode_layer_team(float *x, const llama_layer *L, float eps, const float *cos, const float *sin,
-                              const int64_t *pos, const int64_t *rows, int B, int nh, int nkv, int hs, int S,
-                              int max_pos, step_buffers *s) {
+/* one layer, called by every thread of the team; x (N, D) is updated in place */
+static void layer_team(float *x, const llama_layer *L, float eps, const float *cos, const float *sin,
+                       const int64_t *pos, const int64_t *rows, int N, int nh, int nkv, int hs, int S,
+                       step_buffers *s) {
     int D = L->wqkv.n_in, F = L->wdown.n_in, W = (nh + 2 * nkv) * hs, group = nh / nkv;
-    #pragma omp single
-    rms_norm(x, L->attn_norm, eps, s->h, B, D);
-    qlinear_team(&L->wqkv, s->h, s->qkv, B, s->t);  /* (B, W): nh query heads, nkv key heads, nkv value heads */
     #pragma omp for schedule(static)
-    for (int b = 0; b < B; b++) {
+    for (int b = 0; b < N; b++) rms_norm_row(x + (size_t)b * D, NULL, L->attn_norm, eps, s->h + (size_t)b * D, D);
+    qlinear_team(&L->wqkv, s->h, s->qkv, N, s->t);  /* (N, W): nh query heads, nkv key heads, nkv value heads */
+    #pragma omp for schedule(static)
+    for (int b = 0; b < N; b++) {
         float *qb = s->qkv + (size_t)b * W;
         const float *cb = cos + (size_t)pos[b] * hs, *sb = sin + (size_t)pos[b] * hs;
         for (int j = 0; j < nh + nkv; j++) rope(qb + (size_t)j * hs, cb, sb, hs);
         for (int j = 0; j < nkv; j++) {  /* cache row rows[b], slot pos[b] */
             size_t at = (((size_t)rows[b] * nkv + j) * S + pos[b]) * hs;
-            for (int i = 0; i < hs; i++) {
-                L->k_cache[at + i] = qb[(size_t)(nh + j) * hs + i];
-                L->v_cache[at + i] = qb[(size_t)(nh + nkv + j) * hs + i];
-            }
+            memcpy(L->k_cache + at, qb + (size_t)(nh + j) * hs, sizeof(float) * hs);
+            memcpy(L->v_cache + at, qb + (size_t)(nh + nkv + j) * hs, sizeof(float) * hs);
         }
     }
-    float scale = 1.f / sqrtf((float)hs);
+    /* every key of the call is in the cache now (the loop's barrier): each tile of rows attends, per K/V head */
+    float *mine = s->attn_scratch + s->attn_stride * omp_get_thread_num();
+    #pragma omp for schedule(dynamic, 1)
+    for (int item = s->n_tiles * nkv - 1; item >= 0; item--) {  /* the longest (last) tiles first */
+        int tile = item / nkv, kvh = item % nkv, b = s->tile_start[tile], R = s->tile_len[tile];
+        size_t kv = ((size_t)rows[b] * nkv + kvh) * S * hs;
+        float *qs = mine, *kt = qs + (size_t)(TILE_ROWS * group + QB) * hs, *sc = kt + (size_t)hs * KB;
+        attend_tile(s->qkv + (size_t)b * W, W, R, kvh * group, group, pos[b], L->k_cache + kv, L->v_cache + kv, hs,
+                    s->att + (size_t)b * nh * hs, nh * hs, qs, sc, kt);
+    }
+    qlinear_team(&L->wo, s->att, s->o, N, s->t);
     #pragma omp for schedule(static)
-    for (int bh = 0; bh < B * nh; bh++) {  /* softmax(q K^T / sqrt(hs)) V over slots 0..pos[b] */
-        int b = bh / nh, head = bh % nh, kvh = head / group, n = (int)pos[b] + 1;
-        const float *q = s->qkv + (size_t)b * W + (size_t)head * hs;
-        const float *K = L->k_cache + ((size_t)rows[b] * nkv + kvh) * S * hs;
-        const float *V = L->v_cache + ((size_t)rows[b] * nkv + kvh) * S * hs;
-        float *p = s->scores + (size_t)bh * (max_pos + 1), best = -INFINITY, total = 0.f;
-        for (int t = 0; t < n; t++) {
-            p[t] = dot_f32(q, K + (size_t)t * hs, hs) * scale;
-            best = p[t] > best ? p[t] : best;
-        }
-        for (int t = 0; t < n; t++) { p[t] = expf(p[t] - best); total += p[t]; }
-        float *out = s->att + (size_t)b * nh * hs + (size_t)head * hs;
-        for (int i = 0; i < hs; i++) out[i] = 0.f;
-        for (int t = 0; t < n; t++) {
-            float w = p[t] / total;
-            for (int i = 0; i < hs; i++) out[i] += w * V[(size_t)t * hs + i];
-        }
-    }
-    qlinear_team(&L->wo, s->att, s->o, B, s->t);
-    #pragma omp single
-    {
-        for (int i = 0; i < B * D; i++) x[i] += s->o[i];
-        rms_norm(x, L->mlp_norm, eps, s->h, B, D);
-    }
-    qlinear_team(&L->wup, s->h, s->up, B, s->t);  /* (B, 2F): the gate, then the up projection */
+    for (int b = 0; b < N; b++)
+        rms_norm_row(x + (size_t)b * D, s->o + (size_t)b * D, L->mlp_norm, eps, s->h + (size_t)b * D, D);
+    qlinear_team(&L->wup, s->h, s->up, N, s->t);  /* (N, 2F): the gate, then the up projection */
+    int chunks = (F + 7) / 8;
     #pragma omp for schedule(static)
-    for (int i = 0; i < B * F; i++) {  /* SwiGLU into a separate buffer: rows b > 0 would overwrite their inputs */
-        int b = i / F, j = i % F;
-        float g = s->up[(size_t)b * 2 * F + j];
-        s->h[i] = g / (1.f + expf(-g)) * s->up[(size_t)b * 2 * F + F + j];
+    for (int i = 0; i < N * chunks; i++) {  /* SwiGLU, 8 at a time, into h (rows b > 0 would overwrite inputs) */
+        int b = i / chunks, j = i % chunks * 8, k = F - j < 8 ? F - j : 8;
+        float g[8] = {0}, u[8] = {0}, out[8];
+        memcpy(g, s->up + (size_t)b * 2 * F + j, sizeof(float) * k);
+        memcpy(u, s->up + (size_t)b * 2 * F + F + j, sizeof(float) * k);
+        __m256 gate = _mm256_loadu_ps(g);
+        __m256 silu = _mm256_div_ps(gate, _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), gate))));
+        _mm256_storeu_ps(out, _mm256_mul_ps(silu, _mm256_loadu_ps(u)));
+        memcpy(s->h + (size_t)b * F + j, out, sizeof(float) * k);
     }
-    qlinear_team(&L->wdown, s->h, s->o, B, s->t);
-    #pragma omp single
-    for (int i = 0; i < B * D; i++) x[i] += s->o[i];
+    qlinear_team(&L->wdown, s->h, s->o, N, s->t);
+    #pragma omp for schedule(static)
+    for (int i = 0; i < N * D; i++) x[i] += s->o[i];
 }
 
-/* every block of the model for one decode step */
-void llama_decode_layers(float *x, const llama_layer *layers, int n_layers, float eps, const float *cos,
-                         const float *sin, const int64_t *pos, const int64_t *rows, int B, int nh, int nkv, int hs,
-                         int S, int threads) {
+/* every block of the model for N rows at positions pos in cache rows rows (a decode step, a prompt, or both) */
+void llama_layers(float *x, const llama_layer *layers, int n_layers, float eps, const float *cos, const float *sin,
+                  const int64_t *pos, const int64_t *rows, int N, int nh, int nkv, int hs, int S, int threads) {
     int D = layers[0].wqkv.n_in, F = layers[0].wdown.n_in, W = (nh + 2 * nkv) * hs, max_pos = 0;
-    for (int b = 0; b < B; b++) max_pos = pos[b] > max_pos ? (int)pos[b] : max_pos;
+    for (int b = 0; b < N; b++) max_pos = pos[b] > max_pos ? (int)pos[b] : max_pos;
     int widest = D > F ? D : F;
     if (nh * hs > widest) widest = nh * hs;
-    step_buffers s = {scratch(sizeof(float) * B * widest), scratch(sizeof(float) * B * W),
-                      scratch(sizeof(float) * B * nh * hs), scratch(sizeof(float) * B * D),
-                      scratch(sizeof(float) * B * 2 * F), scratch(sizeof(float) * B * nh * (max_pos + 1)),
-                      qscratch_new(B, widest)};
+    int *tile_start = malloc(sizeof(int) * N), *tile_len = malloc(sizeof(int) * N), n_tiles = 0;
+    for (int b = 0; b < N; b++) {  /* runs of consecutive positions of one cache row, up to TILE_ROWS long */
+        int run = n_tiles ? tile_len[n_tiles - 1] : 0;
+        if (run && run < TILE_ROWS && rows[b] == rows[b - 1] && pos[b] == pos[b - 1] + 1) tile_len[n_tiles - 1]++;
+        else { tile_start[n_tiles] = b; tile_len[n_tiles++] = 1; }
+    }
+    int group = nh / nkv, slots = (max_pos + 1 + KB - 1) / KB * KB;
+    size_t per_thread = (size_t)(TILE_ROWS * group + QB) * hs + (size_t)hs * KB + (size_t)(TILE_ROWS * group + QB) * slots;
+    per_thread = (per_thread + 15) / 16 * 16;
+    step_buffers s = {scratch(sizeof(float) * N * widest), scratch(sizeof(float) * N * W),
+                      scratch(sizeof(float) * N * nh * hs), scratch(sizeof(float) * N * D),
+                      scratch(sizeof(float) * N * 2 * F), qscratch_new(N, widest), n_tiles, tile_start, tile_len,
+                      scratch(sizeof(float) * per_thread * threads), per_thread};
     #pragma omp parallel num_threads(threads)
     for (int l = 0; l < n_layers; l++)
-        decode_layer_team(x, layers + l, eps, cos, sin, pos, rows, B, nh, nkv, hs, S, max_pos, &s);
-    free(s.h); free(s.qkv); free(s.att); free(s.o); free(s.up); free(s.scores);
+        layer_team(x, layers + l, eps, cos, sin, pos, rows, N, nh, nkv, hs, S, &s);
+    free(s.h); free(s.qkv); free(s.att); free(s.o); free(s.up); free(s.attn_scratch); free(tile_start); free(tile_len);
     qscratch_free(s.t);
 }
