@@ -308,6 +308,11 @@ static void attend_tile(const float *qkv, int W, int R, int head0, int g, int64_
                         const float *V, int hs, float *out, int out_stride, float *qs, float *sc, float *kt) {
     int Mq = R * g, Mp = (Mq + QB - 1) / QB * QB, n = (int)p0 + R, np = (n + KB - 1) / KB * KB;
     float scale = 1.f / sqrtf((float)hs), total[TILE_ROWS * 64];
+    /* a decode step's keys and values come cold from memory: ask for all their lines at once, not one by one */
+    for (size_t at = 0; at < (size_t)n * hs; at += 16) {
+        _mm_prefetch((const char *)(K + at), _MM_HINT_T0);
+        _mm_prefetch((const char *)(V + at), _MM_HINT_T1);
+    }
     for (int r = 0; r < R; r++)
         for (int j = 0; j < g; j++)
             for (int i = 0; i < hs; i++) qs[(size_t)(r * g + j) * hs + i] = qkv[(size_t)r * W + (size_t)(head0 + j) * hs + i] * scale;
