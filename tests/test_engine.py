@@ -76,6 +76,20 @@ def test_prefix_reuse_prefills_only_the_new_part(engine):
     assert got == fresh
 
 
+def test_requests_sharing_a_system_prompt_compute_it_once(model, engine):
+    """Requests that arrive together with the same leading tokens (a chat template's system prompt): the first
+    one prefills them, the others copy its keys and values into their own slots, and answer as if alone."""
+    system = list(range(120, 150))
+    prompts = [system + [5, 6], system + [7, 8, 9], system + [11]]
+    params = SamplingParams(max_tokens=12, temperature=0)
+    alone = [generate_ids(model, [p], params)[0] for p in prompts]
+    handles = [engine.submit(p, params) for p in prompts]
+    assert [h.tokens() for h in handles] == alone
+    assert engine.stats.copied_tokens == 2 * len(system)
+    assert engine.stats.prefilled_tokens == sum(map(len, prompts)) - 2 * len(system)
+    assert sorted(h.cached_tokens for h in handles) == [0, len(system), len(system)]
+
+
 def test_cancel_frees_the_slot_at_once(engine):
     long = SamplingParams(max_tokens=10_000, temperature=0)
     handles = [engine.submit(p, long) for p in PROMPTS[:3]]

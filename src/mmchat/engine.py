@@ -135,6 +135,7 @@ class EngineStats:
     rejected: int = 0
     prompt_tokens: int = 0          # prompt tokens of all admitted requests
     prefilled_tokens: int = 0       # of those, the ones computed (the rest came from a slot's cache)
+    copied_tokens: int = 0          # cached ones copied from another slot's cache (a shared system prompt)
     generated_tokens: int = 0
     decode_steps: int = 0
     batch_size: int = 0             # sequences in the latest decode step
@@ -330,6 +331,19 @@ class Engine:
             self.stats.prompt_tokens += len(h.prompt)
             self.stats.prefilled_tokens += len(h.prompt) - keep
 
+    def _prefix_donor(self, slot: Slot, h: Handle) -> tuple[Slot | None, int]:
+        """The other slot whose cache starts with the most of h's prompt, and how many tokens: requests that
+        share a system prompt compute it once, not once per slot."""
+        limit = len(h.prompt) - 1 if not h.images else min(len(h.prompt) - 1, h.images[0][0])
+        best, best_len = None, 0
+        for s in self.slots:
+            n = min(_common_prefix(s.tokens, h.prompt), limit)
+            if s.handle is not None and s.handle.images:  # placeholder ids from there on
+                n = min(n, s.handle.images[0][0])
+            if s is not slot and n > best_len:
+                best, best_len = s, n
+        return best, best_len
+
     def _install_cache(self):
         if self.model.layers[0].attn.cache is not self._caches[0]:  # whoever swaps caches swaps all layers'
             for layer, cache in zip(self.model.layers, self._caches):
@@ -351,6 +365,17 @@ class Engine:
 
     def _prefill_chunk(self, slot: Slot):
         h = slot.handle
+        # nothing computed yet: another slot may hold more of the prompt (looked for now, not at admission, so
+        # requests that came together find the first one's prefill done); its keys and values are copied over
+        if slot.prefilled == h.cached_tokens:
+            donor, shared = self._prefix_donor(slot, h)
+            if shared > slot.prefilled:
+                for cache in self._caches:
+                    cache.k[slot.index, :, :shared] = cache.k[donor.index, :, :shared]
+                    cache.v[slot.index, :, :shared] = cache.v[donor.index, :, :shared]
+                self.stats.copied_tokens += shared - slot.prefilled
+                self.stats.prefilled_tokens -= shared - slot.prefilled
+                slot.tokens, slot.prefilled, h.cached_tokens = h.prompt[:shared], shared, shared
         chunk = h.prompt[slot.prefilled: slot.prefilled + self.prefill_chunk]
         start = slot.prefilled
         tokens = torch.tensor([chunk], dtype=torch.long, device=self.device)  # (1, T)
