@@ -1,11 +1,13 @@
-"""mmchat's own CPU matmuls for weights kept in GGUF's 4- and 8-bit blocks (csrc/qmatmul.c), for the few rows
-of a decode step or a small batch. Built once for this CPU with the system's C compiler (`cc -O3
--march=native`, a few seconds) into mmchat's cache and loaded with ctypes; where no compiler is found or the
-build fails, `available()` is False and torch's own weight-only kernels are used instead.
+"""mmchat's own CPU kernels for weights kept in GGUF's 4- and 8-bit blocks (csrc/qmatmul.c): block matmuls, and
+every Llama block of a forward pass with a KV cache (decode steps, batches and prompts) in one call. Built once
+for this CPU with the system's C compiler (`cc -O3 -march=native`, a few seconds) into mmchat's cache and loaded
+with ctypes; where no compiler is found or the build fails, `available()` is False and torch's own weight-only
+kernels are used instead.
 
 Why our own: torch's int4 kernel decodes the weights again for every activation row and has no integer dot
 product path, and its float32 input path is not vectorized at all on AVX2-only CPUs. These read each weight
-block once for up to 8 rows and multiply in int8 (as llama.cpp does).
+block once for up to 8 rows and multiply in int8 (as llama.cpp does), and a whole forward pass costs one call
+and one thread team instead of hundreds of tensor ops.
 """
 from __future__ import annotations
 
@@ -147,10 +149,17 @@ class FusedBlocks:
                    *[_qlinear(m) for m in (layer.attn.wqkv, layer.attn.wo, layer.mlp.w_up, layer.mlp.w_down)])
             for layer in model.layers])
         self.first_cache = lambda: None  # the first layer's cache when self.layers took the caches' addresses
+        from .quantize import DENSE_ROWS, dense_ok
+        # where the CPU has bf16 GEMMs, long prompts run faster on the packed bf16 copies (the module path)
+        self.most_rows = DENSE_ROWS - 1 if DENSE_ROWS > 0 and dense_ok() else None
         fn = library().llama_layers
         fn.argtypes = [_ptr, ctypes.POINTER(_Layer), _int, ctypes.c_float] + [_ptr] * 4 + [_int] * 6
         fn.restype = None
         self.fn = fn
+
+    def takes(self, rows: int) -> bool:
+        """Whether a call of this many rows (batch times tokens) should run here."""
+        return self.most_rows is None or rows <= self.most_rows
 
     def __call__(self, x: torch.Tensor, input_pos: torch.Tensor, cache_rows: torch.Tensor | None) -> torch.Tensor:
         """x (B, T, d) float32 at positions input_pos (B, T) -> the residual stream after the last block (B, T, d).

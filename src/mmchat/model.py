@@ -282,8 +282,9 @@ class Transformer(nn.Module):
             x = x + self.pos_embeddings(input_pos)  # (B, T, d)
         # rows that carry an image take the module path: the image adapter's low-rank update (RowLoRA) wraps
         # modules that the fused blocks do not call
-        if self.fused_blocks is not None and self.cache_len and hidden_states is None \
-                and getattr(self, "adapter_rows", None) is None and not self.reference_attention:
+        if self.fused_blocks is not None and self.cache_len and self.fused_blocks.takes(B * T) \
+                and hidden_states is None and getattr(self, "adapter_rows", None) is None \
+                and not self.reference_attention:
             x = self.fused_blocks(x, input_pos, cache_rows)  # (B, T, d): every block in one call
         else:
             x = self._blocks(x, input_pos, cache_rows, hidden_states)  # (B, T, d)

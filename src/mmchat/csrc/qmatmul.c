@@ -1,4 +1,4 @@
-/* Weight-only quantized matmuls for decode steps, batches and prompts: y = x W^T.
+/* Weight-only quantized matmuls (y = x W^T) and whole Llama blocks, for decode steps, batches and prompts.
  *
  * W is kept in GGUF's own blocks of 32 weights along the input, either 4-bit with a scale and a minimum
  * (Q4_1: w = d * q + m, q in 0..15; Q4_0 is m = -8 d) or 8-bit with a scale (Q8_0: w = d * q, q in -127..127).
