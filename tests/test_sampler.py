@@ -106,3 +106,22 @@ def test_a_rows_tokens_depend_only_on_its_seed_not_its_neighbours():
     assert run([SamplingParams(temperature=0), seeded, SamplingParams(temperature=1.2, seed=1),
                 SamplingParams(temperature=0.5, top_k=5)], 1) == alone
     assert run([SamplingParams(temperature=0.9, top_p=0.95, seed=43)], 0) != alone
+
+
+def test_inverting_a_long_row_by_blocks_picks_what_the_whole_cumulative_sum_picks():
+    """_invert_cdf sums long rows block by block first: the same index as the first one whose float64 cumulative
+    sum exceeds u times the total, and never a zero-weight entry (rows with many zeros, as top_p leaves them)."""
+    from mmchat.generate import _invert_cdf
+    g = torch.Generator().manual_seed(0)
+    for n in (300, 5000, 49152, 257 * 7):
+        w = torch.softmax(torch.randn(16, n, generator=g) * 5, -1)
+        w[torch.rand(16, n, generator=g) < 0.5] = 0.0
+        u = torch.rand(16, generator=g, dtype=torch.float64)
+        cum = w.double().cumsum(-1)
+        expected = torch.searchsorted(cum, (u * cum[:, -1])[:, None], right=True)[:, 0]
+        got = _invert_cdf(w, u)
+        assert torch.equal(got, expected)
+        assert (w.gather(1, got[:, None]) > 0).all()
+    w = torch.softmax(torch.randn(2, 49152, generator=g), -1)
+    ends = _invert_cdf(w, torch.tensor([0.0, 1 - 1e-16], dtype=torch.float64))
+    assert ends.tolist() == [0, 49151]
