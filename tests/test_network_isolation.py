@@ -77,7 +77,7 @@ SERVE_DRIVER = textwrap.dedent('''
                 time.sleep(0.2)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
         r = client.chat.completions.create(model="smollm2", temperature=0, max_tokens=8,
-                                           messages=[{"role": "user", "content": "What is the capital of France?"}])
+                                           messages=[{"role": "user", "content": "Name the capital of France."}])
         print("ANSWER:", r.choices[0].message.content, r.usage.completion_tokens)
     finally:
         proc.terminate()

@@ -126,7 +126,7 @@ def fused_blocks_ok(model) -> bool:
     from .quantize import BlockQ4Linear, BlockQ8Linear
     cfg = model.cfg
     if not available() or cfg.arch != "llama" or model.norm.weight.dtype != torch.float32 \
-            or cfg.head_dim > 512 or cfg.head_dim % 16:
+            or cfg.head_dim > 512 or cfg.head_dim % 16 or cfg.n_head // cfg.n_kv_head > 64:
         return False
     return all(isinstance(lin, (BlockQ4Linear, BlockQ8Linear)) and lin.bias is None
                for layer in model.layers for lin in (layer.attn.wqkv, layer.attn.wo, layer.mlp.w_up, layer.mlp.w_down))
