@@ -174,7 +174,8 @@ class FusedBlocks:
         B, T, _ = x.shape
         if int(input_pos.max()) >= self.cache_shape[2] or B > self.cache_shape[0] or \
                 (cache_rows is not None and int(cache_rows.max()) >= self.cache_shape[0]):  # C writes unchecked
-            raise ValueError(f"positions or cache rows past the cache set up ({tuple(self.cache_shape[:3:2])})")
+            raise ValueError(f"positions or cache rows past the cache set up ({self.cache_shape[0]} rows of "
+                             f"{self.cache_shape[2]} positions)")
         x = x.contiguous().clone()  # updated in place
         pos = input_pos.to(torch.int64).contiguous()  # (B, T): one row of the call per token
         rows = (torch.arange(B) if cache_rows is None else cache_rows).to(torch.int64)  # (B,)
