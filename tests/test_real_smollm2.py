@@ -78,3 +78,23 @@ def test_greedy_chat_answer_equals_hf_generate(smollm2, hf, prompts, continuatio
     ref = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                       do_sample=False, max_new_tokens=32)[0, len(ids):].tolist()
     assert ref == continuations[-1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; none on this machine")
+def test_the_same_engine_runs_on_a_gpu(smollm2, prompts, smollm2_path):
+    """On a GPU the same model code runs there (chosen by itself when one is present): float32 logits as the CPU's,
+    and the automatic choice (bf16) continues "The capital of France is" with the same first greedy tokens."""
+    import mmchat
+    from mmchat.generate import SamplingParams, generate_ids
+    gpu = mmchat.load(str(smollm2_path), dtype="float32", quant=None, cache=False, progress=False, device="cuda")
+    assert next(gpu.model.parameters()).device.type == "cuda"
+    with torch.inference_mode():
+        for ids in prompts:
+            cpu_logits = smollm2.model(torch.tensor([ids]))[0, -1]
+            gpu_logits = gpu.model(torch.tensor([ids], device="cuda"))[0, -1].cpu()
+            assert torch.allclose(gpu_logits, cpu_logits, atol=2e-3, rtol=1e-3)
+    auto = mmchat.load(str(smollm2_path), cache=False, progress=False)  # a GPU is present: it is picked
+    assert next(auto.model.parameters()).device.type == "cuda"
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    assert generate_ids(auto.model, [prompts[0]], params) == generate_ids(smollm2.model, [prompts[0]], params)
