@@ -1,7 +1,9 @@
 """The sampler against distributions written out by hand: top_k, top_p (both the candidate path and the
 whole-vocabulary fallback), min_p, penalties, greedy rows in a sampled batch, and per-row seeds."""
+import pytest
 import torch
 
+from mmchat import kernels
 from mmchat.generate import CANDIDATES, Sampler, SamplingParams
 
 V = 1000  # more than CANDIDATES, so the candidate shortcut is really a shortcut
@@ -125,3 +127,29 @@ def test_inverting_a_long_row_by_blocks_picks_what_the_whole_cumulative_sum_pick
     w = torch.softmax(torch.randn(2, 49152, generator=g), -1)
     ends = _invert_cdf(w, torch.tensor([0.0, 1 - 1e-16], dtype=torch.float64))
     assert ends.tolist() == [0, 49151]
+
+
+@pytest.mark.skipif(not kernels.available(), reason="mmchat's CPU kernels need x86-64 with AVX2 and a C compiler")
+def test_the_kernels_draw_picks_what_sample_picks_and_reports_the_models_logprobs():
+    """Sampler.draw runs rows without top_k, top_p, min_p or a constraint through mmchat's CPU kernel: from the
+    same seeds it picks the tokens `sample` picks (greedy rows, temperatures, a logit_bias), follows
+    softmax((logits + bias) / T), never draws a -inf token, and reports log_softmax of the model's own logits."""
+    mixed = [SamplingParams(temperature=t, seed=100 + i, logit_bias={1: -100.0, 7: 2.0} if i % 2 else {})
+             for i, t in enumerate([0.7, 1.0, 0.0, 1.3, 0.7, 0.2, 1.0, 0.0])]
+    fast, reference = Sampler(mixed, V, "cpu"), Sampler(mixed, V, "cpu")
+    for k in range(60):
+        logits = torch.stack([peaked_logits(10 * k + j).roll(k + j) for j in range(len(mixed))])  # (8, V)
+        logits[:, 500:510] = float("-inf")
+        tokens, logprobs = fast.draw(logits)
+        assert torch.equal(tokens, reference.sample(logits))
+        assert not (500 <= tokens).logical_and(tokens < 510).any()
+        expected = logits.log_softmax(-1).gather(1, tokens[:, None])[:, 0]
+        assert torch.allclose(logprobs, expected, atol=1e-5)
+    logits = peaked_logits(3)
+    params = SamplingParams(temperature=0.8, logit_bias={0: -1.0, 3: 1.5})
+    ps = [SamplingParams(**{**params.__dict__, "seed": i}) for i in range(4000)]
+    samples, _ = Sampler(ps, V, "cpu").draw(logits.expand(4000, V))
+    biased = logits.clone()
+    biased[0] -= 1.0
+    biased[3] += 1.5
+    assert_follows(samples, (biased / 0.8).softmax(-1), set(range(V)))

@@ -430,14 +430,12 @@ class Engine:
     def _emit(self, slots: list[Slot], logits: torch.Tensor):
         """Sample the next token of each slot from its logits (B, V), hand it out, and end finished requests."""
         rows = [s.index for s in slots]
-        next_tokens = self.sampler.sample(logits, rows)  # (B,)
+        next_tokens, chosen = self.sampler.draw(logits, rows)  # (B,), (B,)
         self.sampler.observe(next_tokens, rows)
-        logprobs = logits.float().log_softmax(dim=-1)  # (B, V)
-        chosen = logprobs.gather(1, next_tokens[:, None])[:, 0]  # (B,)
         k = max(s.handle.params.top_logprobs for s in slots)
         top = None
         if k:
-            top_vals, top_ids = logprobs.topk(k, dim=-1)  # (B, k)
+            top_vals, top_ids = logits.float().log_softmax(dim=-1).topk(k, dim=-1)  # (B, k) each
             top = list(zip(top_ids.tolist(), top_vals.tolist()))
         ids, lps = next_tokens.tolist(), chosen.tolist()  # the one host sync per step
         now = time.perf_counter()

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
+from . import kernels
 from .errors import MMChatError
 from .model import Transformer
 from .threads import follow_load
@@ -180,6 +181,25 @@ class Sampler:
         return _sample_rows(logits, ps, generators)
 
 
+    def draw(self, logits: torch.Tensor, rows: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """logits: (B, V), the model's, one row per entry of `rows` (None: all rows) -> token ids (B,) as `sample`
+        picks them, and each one's log-probability under the model's own distribution, before penalties, bias
+        and temperature (B,). Rows without top_k, top_p, min_p or a constraint (the usual case) are drawn by
+        mmchat's CPU kernel in one pass per row, with the same uniform numbers from the same generators."""
+        ps, generators, _ = self._select(rows)
+        matchers = self.matchers if rows is None else [self.matchers[r] for r in rows]
+        if logits.device.type == "cpu" and kernels.available() and all(m is None for m in matchers) \
+                and all(p.top_k == 0 and p.top_p >= 1 and p.min_p == 0 for p in ps):
+            report = logits.float()
+            inv_temp = torch.tensor([1 / p.temperature if p.temperature > 0 else 0.0 for p in ps])  # (B,)
+            zero = torch.zeros(1, dtype=torch.float64)
+            u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) if p.temperature > 0 else zero
+                           for p, g in zip(ps, generators)])  # (B,) greedy rows draw nothing, as in `sample`
+            return kernels.sample_rows(self.penalize(report, rows), report, inv_temp, u)
+        tokens = self.sample(logits, rows)  # (B,)
+        return tokens, logits.float().log_softmax(-1).gather(1, tokens[:, None])[:, 0]
+
+
 def _take(t: torch.Tensor, idx) -> torch.Tensor:
     """Rows `idx` of t (a slice or a LongTensor): index_select, several times faster than t[idx] for a float matrix."""
     return t[idx] if isinstance(idx, slice) else t.index_select(0, idx)
@@ -346,14 +366,12 @@ def _decode(forward, sampler, logits, params, stops, budgets, lengths, max_len):
     pos = torch.tensor(lengths, device=device)  # (B,) the slot of the next token
     generated = [0] * B
     while active:
-        logprobs = logits.float().log_softmax(dim=-1)  # (B, V)
-        next_tokens = sampler.sample(logits)  # (B,)
+        next_tokens, chosen = sampler.draw(logits)  # (B,), (B,)
         sampler.observe(next_tokens)
-        chosen = logprobs.gather(1, next_tokens[:, None])[:, 0]  # (B,)
         top = None
         k = max(params[i].top_logprobs for i in active)
         if k:
-            top_vals, top_ids = logprobs.topk(k, dim=-1)
+            top_vals, top_ids = logits.float().log_softmax(dim=-1).topk(k, dim=-1)  # (B, k) each
             top = list(zip(top_ids.tolist(), top_vals.tolist()))
         ids, lps = next_tokens.tolist(), chosen.tolist()  # the one host sync per step
         outs = []

@@ -79,7 +79,8 @@ def library() -> ctypes.CDLL | None:
     lib = ctypes.CDLL(str(target))
     lib.q4_matmul.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _int, _int, _int, _int]
     lib.q8_matmul.argtypes = [_ptr, _ptr, _ptr, _ptr, _int, _int, _int, _int]
-    lib.q4_matmul.restype = lib.q8_matmul.restype = None
+    lib.sample_rows.argtypes = [_ptr, _ptr, _int, _int, _ptr, _ptr, _ptr, _ptr, _int]
+    lib.q4_matmul.restype = lib.q8_matmul.restype = lib.sample_rows.restype = None
     return lib
 
 
@@ -107,6 +108,18 @@ def q8_matmul(x: torch.Tensor, q8: torch.Tensor, d: torch.Tensor) -> torch.Tenso
     y = torch.empty(M, N, dtype=torch.float32)
     library().q8_matmul(q8.data_ptr(), d.data_ptr(), x.data_ptr(), y.data_ptr(), M, N, K, torch.get_num_threads())
     return y
+
+
+def sample_rows(logits: torch.Tensor, report: torch.Tensor, inv_temp: torch.Tensor, u: torch.Tensor):
+    """logits and report (B, V) float32, inv_temp (B,) float32 (0: greedy), u (B,) float64 in [0, 1) ->
+    tokens (B,) int64 drawn from softmax(logits * inv_temp) by inverting its cumulative distribution at u, and
+    their log-probabilities under softmax(report) (B,) float32."""
+    logits, report = logits.contiguous(), report.contiguous()
+    B, V = logits.shape
+    tokens, logprobs = torch.empty(B, dtype=torch.int64), torch.empty(B, dtype=torch.float32)
+    library().sample_rows(logits.data_ptr(), report.data_ptr(), B, V, inv_temp.data_ptr(), u.data_ptr(),
+                          tokens.data_ptr(), logprobs.data_ptr(), min(torch.get_num_threads(), B))
+    return tokens, logprobs
 
 
 # -- every block of a forward pass with a KV cache ----------------------------------------------------------------

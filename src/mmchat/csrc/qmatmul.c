@@ -477,3 +477,100 @@ void llama_layers(float *x, const llama_layer *layers, int n_layers, float eps, 
     free(s.h); free(s.qkv); free(s.att); free(s.o); free(s.up); free(s.attn_scratch); free(tile_start); free(tile_len);
     qscratch_free(s.t);
 }
+
+/* ---- sampling a batch of next-token logits ------------------------------------------------------------------
+ * Row b's token is drawn by inverting the cumulative distribution of softmax(logits[b] * inv_temp[b]) at the
+ * uniform number u[b] (the first token whose cumulative weight passes u times the total), or is the first largest
+ * logit where inv_temp[b] is 0. The weights are summed in blocks of SAMPLE_BLOCK (float lanes, then float64
+ * across blocks) and only the block where the target falls is walked weight by weight. logprob[b] is the chosen
+ * token's log-probability under softmax(report[b]), the model's own distribution before penalties and
+ * temperature. A few passes over each row and no temporaries: at 8 rows of 49152, ~0.2 ms against ~5 ms of
+ * tensor ops. */
+#define SAMPLE_BLOCK 256
+
+static float row_max(const float *x, int V) {
+    __m256 best = _mm256_set1_ps(-INFINITY);
+    int j = 0;
+    for (; j + 8 <= V; j += 8) best = _mm256_max_ps(best, _mm256_loadu_ps(x + j));
+    float lanes[8], m = -INFINITY;
+    _mm256_storeu_ps(lanes, best);
+    for (int i = 0; i < 8; i++) m = lanes[i] > m ? lanes[i] : m;
+    for (; j < V; j++) m = x[j] > m ? x[j] : m;
+    return m;
+}
+
+/* w[j] = exp((x[j] - top) * scale) for j < n (n <= SAMPLE_BLOCK; w has room for SAMPLE_BLOCK), and their sum;
+ * weights below float's range are exactly 0, as a float32 softmax's underflow gives, so -inf is never drawn */
+static double block_weights(const float *x, int n, float top, float scale, float *w) {
+    __m256 acc = _mm256_setzero_ps(), t = _mm256_set1_ps(top), s = _mm256_set1_ps(scale);
+    float pad[8], lanes[8];
+    for (int j = 0; j < n; j += 8) {
+        const float *src = x + j;
+        if (j + 8 > n) {  /* the row's tail, padded with -inf */
+            for (int i = 0; i < 8; i++) pad[i] = j + i < n ? x[j + i] : -INFINITY;
+            src = pad;
+        }
+        __m256 a = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(src), t), s);
+        __m256 e = _mm256_and_ps(exp8(a), _mm256_cmp_ps(a, _mm256_set1_ps(-87.33654f), _CMP_GT_OQ));
+        _mm256_storeu_ps(w + j, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    _mm256_storeu_ps(lanes, acc);
+    double sum = 0.0;
+    for (int i = 0; i < 8; i++) sum += lanes[i];
+    return sum;
+}
+
+static int64_t draw_row(const float *x, int V, float scale, double u, double *block_sums) {
+    float top = row_max(x, V), w[SAMPLE_BLOCK];
+    if (scale == 0.f) {
+        for (int j = 0; j < V; j++) if (x[j] == top) return j;
+        return 0;  /* no number in the row */
+    }
+    int nb = (V + SAMPLE_BLOCK - 1) / SAMPLE_BLOCK;
+    double total = 0.0;
+    for (int k = 0; k < nb; k++) {
+        int n = V - k * SAMPLE_BLOCK < SAMPLE_BLOCK ? V - k * SAMPLE_BLOCK : SAMPLE_BLOCK;
+        block_sums[k] = block_weights(x + (size_t)k * SAMPLE_BLOCK, n, top, scale, w);
+        total += block_sums[k];
+    }
+    double target = u * total, before = 0.0;
+    int k = 0, last = 0;
+    for (; k < nb; k++) {
+        if (block_sums[k] > 0.0) last = k;
+        if (before + block_sums[k] > target) break;
+        before += block_sums[k];
+    }
+    if (k == nb) k = last;  /* rounding put the target past the end: the last block that has weight */
+    int n = V - k * SAMPLE_BLOCK < SAMPLE_BLOCK ? V - k * SAMPLE_BLOCK : SAMPLE_BLOCK;
+    block_weights(x + (size_t)k * SAMPLE_BLOCK, n, top, scale, w);
+    double cum = before;
+    int pick = -1;
+    for (int j = 0; j < n; j++) {
+        if (w[j] <= 0.f) continue;  /* a token of weight 0 is never drawn */
+        pick = j;
+        cum += w[j];
+        if (cum > target) break;
+    }
+    return (int64_t)k * SAMPLE_BLOCK + (pick < 0 ? 0 : pick);
+}
+
+static float log_softmax_at(const float *x, int V, int64_t at) {
+    float top = row_max(x, V), w[SAMPLE_BLOCK];
+    double total = 0.0;
+    for (int k = 0; k < V; k += SAMPLE_BLOCK)
+        total += block_weights(x + k, V - k < SAMPLE_BLOCK ? V - k : SAMPLE_BLOCK, top, 1.f, w);
+    return (float)(x[at] - top - log(total));
+}
+
+void sample_rows(const float *logits, const float *report, int B, int V, const float *inv_temp, const double *u,
+                 int64_t *token, float *logprob, int threads) {
+    int nb = (V + SAMPLE_BLOCK - 1) / SAMPLE_BLOCK;
+    double *block_sums = scratch(sizeof(double) * nb * B);
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int b = 0; b < B; b++) {
+        token[b] = draw_row(logits + (size_t)b * V, V, inv_temp[b], u[b], block_sums + (size_t)b * nb);
+        logprob[b] = log_softmax_at(report + (size_t)b * V, V, token[b]);
+    }
+    free(block_sums);
+}
