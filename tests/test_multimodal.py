@@ -242,7 +242,7 @@ def test_image_rows_decode_with_their_lora_on_the_fused_kernels():
     def decode(rows, fused):
         model.fused_blocks, model.adapter_rows = fused, rows
         with torch.inference_mode():
-            model.setup_cache(1, 16)
+            model.setup_cache(1, 16, torch.float16)  # the fused blocks' cache, on either path
             model(prompt, torch.arange(6)[None])
             return model(step, torch.tensor([[6]]))[:, -1]  # (1, V)
 

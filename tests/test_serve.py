@@ -375,8 +375,12 @@ def test_eight_streams_share_decode_steps(server, model_name, no_eos):
 
     before = metric(server, "mmchat_engine_decode_steps_total")
     generated = metric(server, "mmchat_engine_generated_tokens_total")
+    busy = metric(server, "mmchat_engine_busy_seconds_total")
+    start = time.perf_counter()
     asyncio.run(run(8))
+    wall = time.perf_counter() - start
     steps = metric(server, "mmchat_engine_decode_steps_total") - before
+    assert 0 < metric(server, "mmchat_engine_busy_seconds_total") - busy <= wall
     assert metric(server, "mmchat_engine_generated_tokens_total") - generated == 8 * 150
     assert steps < 2 * 150, steps  # unbatched it would be 8 * 149; arrivals and prefills stagger a little
 

@@ -171,8 +171,10 @@ class FusedBlocks:
         self.fn = fn
 
     def takes(self, rows: int) -> bool:
-        """Whether a call of this many rows (batch times tokens) should run here."""
-        return self.most_rows is None or rows <= self.most_rows
+        """Whether a call of this many rows (batch times tokens) should run here: on a float16 cache (one set up
+        while the fused blocks were installed), and not a long prompt where bf16 GEMMs are faster."""
+        return self.model.layers[0].attn.cache.k.dtype == torch.float16 and \
+            (self.most_rows is None or rows <= self.most_rows)
 
     def __call__(self, x: torch.Tensor, input_pos: torch.Tensor, cache_rows: torch.Tensor | None) -> torch.Tensor:
         """x (B, T, d) float32 at positions input_pos (B, T) -> the residual stream after the last block (B, T, d).

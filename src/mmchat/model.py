@@ -103,7 +103,8 @@ class KVCache(nn.Module):
         """input_pos: (B, T); k, v: (B, n_kv, T, hs). Batch row b lives in cache row b, or in cache_rows[b]
         when given (B,). Returns the keys and values those rows can see in their first `length` slots (all
         slots when None), (B, n_kv, S, hs) each."""
-        B = k.size(0)
+        B, dtype = k.size(0), k.dtype
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)  # a float16 cache (the fused blocks') holds rounded copies
         if B == 1 and cache_rows is None:  # one sequence: a plain copy along the slots (the cheapest write)
             self.k[:1].index_copy_(2, input_pos[0], k)
             self.v[:1].index_copy_(2, input_pos[0], v)
@@ -113,9 +114,10 @@ class KVCache(nn.Module):
             self.v[rows, :, input_pos] = v.transpose(1, 2)
         S = self.k.size(2) if length is None else length
         if cache_rows is None:
-            return self.k[:B, :, :S], self.v[:B, :, :S]  # views, no copy
+            return self.k[:B, :, :S].to(dtype), self.v[:B, :, :S].to(dtype)  # views, no copy (same dtype)
         # index_select on the used slots copies only those (several times faster than advanced indexing)
-        return self.k[:, :, :S].index_select(0, cache_rows), self.v[:, :, :S].index_select(0, cache_rows)
+        return (self.k[:, :, :S].index_select(0, cache_rows).to(dtype),
+                self.v[:, :, :S].index_select(0, cache_rows).to(dtype))
 
 
 class Attention(nn.Module):
@@ -210,10 +212,13 @@ class Transformer(nn.Module):
 
     # -- KV cache -------------------------------------------------------------------------------------------
     def setup_cache(self, batch_size: int, max_len: int, dtype=None):
-        """Allocate a static cache for `batch_size` sequences of up to `max_len` positions each."""
+        """Allocate a static cache for `batch_size` sequences of up to `max_len` positions each: in the compute
+        dtype, or in float16 for the fused blocks (as llama.cpp keeps it: half the memory, and half the bytes
+        each decode step's attention reads)."""
         if max_len > self.cfg.max_seq_len:
             raise ValueError(f"cache of {max_len} positions exceeds the context window ({self.cfg.max_seq_len})")
-        dtype = dtype or self.norm.weight.dtype  # the compute dtype (norms are never quantized)
+        # the compute dtype is the norms' (they are never quantized)
+        dtype = dtype or (torch.float16 if self.fused_blocks is not None else self.norm.weight.dtype)
         device = self.norm.weight.device
         for layer in self.layers:
             layer.attn.cache = KVCache(batch_size, self.cfg.n_kv_head, max_len, self.cfg.head_dim, dtype, device)

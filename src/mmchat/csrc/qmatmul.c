@@ -231,7 +231,7 @@ typedef struct {
 typedef struct {
     const float *attn_norm, *mlp_norm;
     qlinear wqkv, wo, wup, wdown;
-    float *k_cache, *v_cache;  /* (rows, nkv, S, hs) each */
+    uint16_t *k_cache, *v_cache;  /* (rows, nkv, S, hs) each, float16: half the bytes attention reads */
 } llama_layer;
 
 static void qlinear_team(const qlinear *L, const float *x, float *y, int M, qscratch t) {
@@ -274,6 +274,12 @@ static void rope(float *x, const float *cos, const float *sin, int hs) {
     memcpy(x, tmp, sizeof(float) * hs);
 }
 
+/* n floats (a multiple of 8) -> float16, rounded to nearest */
+static void to_half(const float *x, uint16_t *h, int n) {
+    for (int i = 0; i < n; i += 8)
+        _mm_storeu_si128((__m128i *)(h + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+}
+
 /* r[j] <- column j of the 8 x 8 matrix whose rows are r[0..7] */
 static inline void transpose8(__m256 r[8]) {
     __m256 t[8], u[8];
@@ -293,7 +299,7 @@ static inline void transpose8(__m256 r[8]) {
     }
 }
 
-static const float zeros[512];
+static const uint16_t zeros[512];  /* float16 zeros: the keys past a row's last slot */
 
 #define TILE_ROWS 32 /* a prompt's consecutive rows that attend together, reading the keys and values once */
 #define QB 6         /* queries per register tile */
@@ -304,12 +310,12 @@ static const float zeros[512];
  * slots up to the row's position. Queries m = r * g + j are gathered (scaled) into qs (Mq, hs); the scores go to
  * sc (Mq, n rounded up to KB), each one an FMA chain over the head dims in order, and each output an FMA chain
  * over the slots in order, so a query's result does not depend on its tile. kt: (hs, KB) scratch. */
-static void attend_tile(const float *qkv, int W, int R, int head0, int g, int64_t p0, const float *K,
-                        const float *V, int hs, float *out, int out_stride, float *qs, float *sc, float *kt) {
+static void attend_tile(const float *qkv, int W, int R, int head0, int g, int64_t p0, const uint16_t *K,
+                        const uint16_t *V, int hs, float *out, int out_stride, float *qs, float *sc, float *kt) {
     int Mq = R * g, Mp = (Mq + QB - 1) / QB * QB, n = (int)p0 + R, np = (n + KB - 1) / KB * KB;
     float scale = 1.f / sqrtf((float)hs), total[TILE_ROWS * 64];
     /* a decode step's keys and values come cold from memory: ask for all their lines at once, not one by one */
-    for (size_t at = 0; at < (size_t)n * hs; at += 16) {
+    for (size_t at = 0; at < (size_t)n * hs; at += 32) {  /* 32 float16 a line */
         _mm_prefetch((const char *)(K + at), _MM_HINT_T0);
         _mm_prefetch((const char *)(V + at), _MM_HINT_T1);
     }
@@ -319,11 +325,11 @@ static void attend_tile(const float *qkv, int W, int R, int head0, int g, int64_
     memset(qs + (size_t)Mq * hs, 0, sizeof(float) * (Mp - Mq) * hs);
     for (int t0 = 0; t0 < np; t0 += KB) {  /* scores, KB slots at a time against every query */
         for (int tb = 0; tb < KB; tb += 8) {  /* kt (hs, KB) <- K's slots t0+tb.. (8, hs), 8 x 8 at a time */
-            const float *key[8];
+            const uint16_t *key[8];
             for (int t = 0; t < 8; t++) key[t] = t0 + tb + t < n ? K + (size_t)(t0 + tb + t) * hs : zeros;
             for (int i = 0; i < hs; i += 8) {
                 __m256 r[8];
-                for (int t = 0; t < 8; t++) r[t] = _mm256_loadu_ps(key[t] + i);
+                for (int t = 0; t < 8; t++) r[t] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(key[t] + i)));
                 transpose8(r);
                 for (int j = 0; j < 8; j++) _mm256_storeu_ps(kt + (size_t)(i + j) * KB + tb, r[j]);
             }
@@ -376,7 +382,8 @@ static void attend_tile(const float *qkv, int W, int R, int head0, int g, int64_
             __m256 acc[QB][2];
             for (int a = 0; a < QB; a++) acc[a][0] = acc[a][1] = _mm256_setzero_ps();
             for (int t = 0; t < n; t++) {
-                __m256 v0 = _mm256_loadu_ps(V + (size_t)t * hs + c), v1 = _mm256_loadu_ps(V + (size_t)t * hs + c + 8);
+                __m256 v0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(V + (size_t)t * hs + c)));
+                __m256 v1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(V + (size_t)t * hs + c + 8)));
                 for (int a = 0; a < QB; a++) {
                     __m256 w = _mm256_broadcast_ss(sc + (size_t)(m0 + a) * np + t);
                     acc[a][0] = _mm256_fmadd_ps(w, v0, acc[a][0]);
@@ -418,8 +425,8 @@ static void layer_team(float *x, const llama_layer *L, float eps, const float *c
         for (int j = 0; j < nh + nkv; j++) rope(qb + (size_t)j * hs, cb, sb, hs);
         for (int j = 0; j < nkv; j++) {  /* cache row rows[b], slot pos[b] */
             size_t at = (((size_t)rows[b] * nkv + j) * S + pos[b]) * hs;
-            memcpy(L->k_cache + at, qb + (size_t)(nh + j) * hs, sizeof(float) * hs);
-            memcpy(L->v_cache + at, qb + (size_t)(nh + nkv + j) * hs, sizeof(float) * hs);
+            to_half(qb + (size_t)(nh + j) * hs, L->k_cache + at, hs);
+            to_half(qb + (size_t)(nh + nkv + j) * hs, L->v_cache + at, hs);
         }
     }
     /* every key of the call is in the cache now (the loop's barrier): each tile of rows attends, per K/V head */

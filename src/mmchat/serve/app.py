@@ -124,6 +124,8 @@ class Metrics:
              s.prompt_tokens - s.prefilled_tokens),
             ("engine_generated_tokens_total", "counter", "Tokens sampled by the engine.", s.generated_tokens),
             ("engine_decode_steps_total", "counter", "Batched decode forward passes.", s.decode_steps),
+            ("engine_busy_seconds_total", "counter", "Seconds the engine spent in forward passes and sampling.",
+             round(s.busy_seconds, 3)),
             ("engine_rejected_total", "counter", "Requests refused because the queue was full.", s.rejected),
             ("engine_cancelled_total", "counter", "Requests cancelled (client gone or stop string).", s.cancelled),
             ("queue_length", "gauge", "Requests waiting for a slot.", engine.queue_length),
