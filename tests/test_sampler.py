@@ -88,6 +88,26 @@ def test_penalties_match_their_formulas():
     torch.testing.assert_close(out[1], logits[1])  # the other row's settings leave it alone
 
 
+@pytest.mark.skipif(not kernels.available(), reason="mmchat's CPU kernels need x86-64 with AVX2 and a C compiler")
+def test_the_penalty_kernel_gives_the_tensor_paths_floats(monkeypatch):
+    """Sampler.penalize on mmchat's CPU kernel: bit for bit the tensor path's result, for a subset of rows in
+    another order, with every penalty and a logit bias."""
+    ps = [SamplingParams(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.25, logit_bias={3: 1.5}),
+          SamplingParams(), SamplingParams(repetition_penalty=0.8, logit_bias={9: -100.0}),
+          SamplingParams(frequency_penalty=-0.7)]
+    sampler = Sampler(ps, V, "cpu")
+    g = torch.Generator().manual_seed(4)
+    for row in range(4):
+        sampler.observe_prompt(row, torch.randint(0, V, (30,), generator=g).tolist())
+    for _ in range(20):
+        sampler.observe(torch.randint(0, V, (4,), generator=g))
+    logits = torch.randn(3, V, generator=g) * 3
+    fast = sampler.penalize(logits, [3, 0, 2])
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    assert torch.equal(fast, sampler.penalize(logits, [3, 0, 2]))
+    assert not torch.equal(fast, logits)
+
+
 def test_a_rows_tokens_depend_only_on_its_seed_not_its_neighbours():
     seeded = SamplingParams(temperature=0.9, top_p=0.95, seed=42)
 
@@ -131,11 +151,14 @@ def test_inverting_a_long_row_by_blocks_picks_what_the_whole_cumulative_sum_pick
 
 @pytest.mark.skipif(not kernels.available(), reason="mmchat's CPU kernels need x86-64 with AVX2 and a C compiler")
 def test_the_kernels_draw_picks_what_sample_picks_and_reports_the_models_logprobs():
-    """Sampler.draw runs rows without top_k, top_p, min_p or a constraint through mmchat's CPU kernel: from the
-    same seeds it picks the tokens `sample` picks (greedy rows, temperatures, a logit_bias), follows
-    softmax((logits + bias) / T), never draws a -inf token, and reports log_softmax of the model's own logits."""
-    mixed = [SamplingParams(temperature=t, seed=100 + i, logit_bias={1: -100.0, 7: 2.0} if i % 2 else {})
-             for i, t in enumerate([0.7, 1.0, 0.0, 1.3, 0.7, 0.2, 1.0, 0.0])]
+    """Sampler.draw runs rows without a constraint through mmchat's CPU kernel: from the same seeds it picks the
+    tokens `sample` picks (greedy rows, temperatures, a logit_bias, top_k, top_p on peaked and on flat rows,
+    min_p), follows softmax((logits + bias) / T), never draws a -inf token, and reports log_softmax of the
+    model's own logits."""
+    truncations = [{}, {}, {}, {"top_p": 0.9}, {"top_k": 5}, {"top_p": 0.95}, {"min_p": 0.1},
+                   {"top_k": 40, "top_p": 0.8, "min_p": 0.05}]
+    mixed = [SamplingParams(temperature=t, seed=100 + i, logit_bias={1: -100.0, 7: 2.0} if i % 2 else {}, **cut)
+             for i, (t, cut) in enumerate(zip([0.7, 1.0, 0.0, 1.3, 0.7, 2.0, 1.0, 0.5], truncations))]
     fast, reference = Sampler(mixed, V, "cpu"), Sampler(mixed, V, "cpu")
     for k in range(60):
         logits = torch.stack([peaked_logits(10 * k + j).roll(k + j) for j in range(len(mixed))])  # (8, V)

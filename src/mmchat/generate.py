@@ -151,13 +151,23 @@ class Sampler:
     def penalize(self, logits: torch.Tensor, rows: list[int] | None = None) -> torch.Tensor:
         """logits: (B, V) float32 -> penalized (B, V)."""
         ps, _, idx = self._select(rows)
+        repeat = any(p.repetition_penalty != 1.0 for p in ps)
+        generated = any(p.presence_penalty or p.frequency_penalty for p in ps)
+        if not (repeat or generated or self.bias is not None):
+            return logits
+        if logits.device.type == "cpu" and kernels.available():  # one pass per row, not a dozen tensor ops
+            rows_t = torch.arange(len(ps)) if rows is None else idx
+            per_row = [torch.tensor([getattr(p, name) for p in ps], dtype=torch.float32)
+                       for name in ("repetition_penalty", "presence_penalty", "frequency_penalty")]  # (B,) each
+            return kernels.penalize_rows(logits, rows_t, self.seen if repeat else None,
+                                         self.counts if generated else None, self.bias, *per_row)
         # only the tokens a row has seen are touched (a few hundred), not the whole (B, V) matrix
-        if any(p.repetition_penalty != 1.0 for p in ps):
+        if repeat:
             rep = torch.tensor([p.repetition_penalty for p in ps], device=logits.device)  # (B,)
             r, c = self.seen[idx].nonzero(as_tuple=True)  # (N,), (N,): the (row, token) pairs seen
             v = logits[r, c]  # (N,)
             logits = logits.index_put((r, c), torch.where(v > 0, v / rep[r], v * rep[r]))
-        if any(p.presence_penalty or p.frequency_penalty for p in ps):
+        if generated:
             presence = torch.tensor([p.presence_penalty for p in ps], device=logits.device)  # (B,)
             frequency = torch.tensor([p.frequency_penalty for p in ps], device=logits.device)  # (B,)
             counts = _take(self.counts, idx)  # (B, V)
@@ -184,18 +194,19 @@ class Sampler:
     def draw(self, logits: torch.Tensor, rows: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """logits: (B, V), the model's, one row per entry of `rows` (None: all rows) -> token ids (B,) as `sample`
         picks them, and each one's log-probability under the model's own distribution, before penalties, bias
-        and temperature (B,). Rows without top_k, top_p, min_p or a constraint (the usual case) are drawn by
-        mmchat's CPU kernel in one pass per row, with the same uniform numbers from the same generators."""
+        and temperature (B,). Rows without a constraint (the usual case) are drawn by mmchat's CPU kernel, a few
+        passes per row instead of a dozen tensor ops, with the same uniform numbers from the same generators."""
         ps, generators, _ = self._select(rows)
         matchers = self.matchers if rows is None else [self.matchers[r] for r in rows]
-        if logits.device.type == "cpu" and kernels.available() and all(m is None for m in matchers) \
-                and all(p.top_k == 0 and p.top_p >= 1 and p.min_p == 0 for p in ps):
+        if logits.device.type == "cpu" and kernels.available() and all(m is None for m in matchers):
             report = logits.float()
             inv_temp = torch.tensor([1 / p.temperature if p.temperature > 0 else 0.0 for p in ps])  # (B,)
+            top_k = torch.tensor([p.top_k for p in ps], dtype=torch.int32)  # (B,)
+            top_p, min_p = torch.tensor([p.top_p for p in ps]), torch.tensor([p.min_p for p in ps])  # (B,) each
             zero = torch.zeros(1, dtype=torch.float64)
             u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) if p.temperature > 0 else zero
                            for p, g in zip(ps, generators)])  # (B,) greedy rows draw nothing, as in `sample`
-            return kernels.sample_rows(self.penalize(report, rows), report, inv_temp, u)
+            return kernels.sample_rows(self.penalize(report, rows), report, inv_temp, top_k, top_p, min_p, u)
         tokens = self.sample(logits, rows)  # (B,)
         return tokens, logits.float().log_softmax(-1).gather(1, tokens[:, None])[:, 0]
 
@@ -205,7 +216,7 @@ def _take(t: torch.Tensor, idx) -> torch.Tensor:
     return t[idx] if isinstance(idx, slice) else t.index_select(0, idx)
 
 
-CANDIDATES = 256  # top_k / top_p look at each row's most likely tokens first, not the whole vocabulary
+CANDIDATES = 256  # top_k / top_p look at each row's most likely tokens first (csrc/qmatmul.c SAMPLE_CANDIDATES)
 
 
 def _sample_rows(logits: torch.Tensor, ps: list[SamplingParams], generators: list[torch.Generator]) -> torch.Tensor:

@@ -79,8 +79,9 @@ def library() -> ctypes.CDLL | None:
     lib = ctypes.CDLL(str(target))
     lib.q4_matmul.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _int, _int, _int, _int]
     lib.q8_matmul.argtypes = [_ptr, _ptr, _ptr, _ptr, _int, _int, _int, _int]
-    lib.sample_rows.argtypes = [_ptr, _ptr, _int, _int, _ptr, _ptr, _ptr, _ptr, _int]
-    lib.q4_matmul.restype = lib.q8_matmul.restype = lib.sample_rows.restype = None
+    lib.sample_rows.argtypes = [_ptr, _ptr, _int, _int] + [_ptr] * 7 + [_int]
+    lib.penalize_rows.argtypes = [_ptr, _ptr, _int, _int] + [_ptr] * 7 + [_int]
+    lib.q4_matmul.restype = lib.q8_matmul.restype = lib.sample_rows.restype = lib.penalize_rows.restype = None
     return lib
 
 
@@ -110,15 +111,31 @@ def q8_matmul(x: torch.Tensor, q8: torch.Tensor, d: torch.Tensor) -> torch.Tenso
     return y
 
 
-def sample_rows(logits: torch.Tensor, report: torch.Tensor, inv_temp: torch.Tensor, u: torch.Tensor):
-    """logits and report (B, V) float32, inv_temp (B,) float32 (0: greedy), u (B,) float64 in [0, 1) ->
-    tokens (B,) int64 drawn from softmax(logits * inv_temp) by inverting its cumulative distribution at u, and
-    their log-probabilities under softmax(report) (B,) float32."""
+def penalize_rows(logits: torch.Tensor, rows: torch.Tensor, seen: torch.Tensor | None, counts: torch.Tensor | None,
+                  bias: torch.Tensor | None, rep: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor):
+    """logits (B, V) float32 -> a penalized copy (B, V): row b with row rows[b] (int64) of seen (S, V) bool,
+    counts and bias (S, V) float32 (None: unused), and its repetition, presence and frequency penalties (B,)."""
+    logits = logits.contiguous()
+    B, V = logits.shape
+    out = torch.empty_like(logits)
+    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    library().penalize_rows(logits.data_ptr(), out.data_ptr(), B, V, rows.data_ptr(), ptr(seen), ptr(counts),
+                            ptr(bias), rep.data_ptr(), presence.data_ptr(), frequency.data_ptr(),
+                            min(torch.get_num_threads(), B))
+    return out
+
+
+def sample_rows(logits: torch.Tensor, report: torch.Tensor, inv_temp: torch.Tensor, top_k: torch.Tensor,
+                top_p: torch.Tensor, min_p: torch.Tensor, u: torch.Tensor):
+    """logits and report (B, V) float32; per row inv_temp (0: greedy), top_k (0: off), top_p (1: off), min_p
+    (0: off), u float64 in [0, 1) -> tokens (B,) int64 drawn from softmax(logits * inv_temp) so truncated by
+    inverting its cumulative distribution at u, and their log-probabilities under softmax(report) (B,) float32."""
     logits, report = logits.contiguous(), report.contiguous()
     B, V = logits.shape
     tokens, logprobs = torch.empty(B, dtype=torch.int64), torch.empty(B, dtype=torch.float32)
-    library().sample_rows(logits.data_ptr(), report.data_ptr(), B, V, inv_temp.data_ptr(), u.data_ptr(),
-                          tokens.data_ptr(), logprobs.data_ptr(), min(torch.get_num_threads(), B))
+    library().sample_rows(logits.data_ptr(), report.data_ptr(), B, V, inv_temp.data_ptr(), top_k.data_ptr(),
+                          top_p.data_ptr(), min_p.data_ptr(), u.data_ptr(), tokens.data_ptr(), logprobs.data_ptr(),
+                          min(torch.get_num_threads(), B))
     return tokens, logprobs
 
 

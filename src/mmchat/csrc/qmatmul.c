@@ -491,8 +491,8 @@ void llama_layers(float *x, const llama_layer *layers, int n_layers, float eps, 
  * logit where inv_temp[b] is 0. The weights are summed in blocks of SAMPLE_BLOCK (float lanes, then float64
  * across blocks) and only the block where the target falls is walked weight by weight. logprob[b] is the chosen
  * token's log-probability under softmax(report[b]), the model's own distribution before penalties and
- * temperature. A few passes over each row and no temporaries: at 8 rows of 49152, ~0.2 ms against ~5 ms of
- * tensor ops. */
+ * temperature. Rows with top_k or top_p go through draw_truncated. A few passes over each row: at 8 rows of
+ * 49152, ~0.2-0.5 ms against ~5 ms of tensor ops. */
 #define SAMPLE_BLOCK 256
 
 static float row_max(const float *x, int V) {
@@ -507,8 +507,9 @@ static float row_max(const float *x, int V) {
 }
 
 /* w[j] = exp((x[j] - top) * scale) for j < n (n <= SAMPLE_BLOCK; w has room for SAMPLE_BLOCK), and their sum;
- * weights below float's range are exactly 0, as a float32 softmax's underflow gives, so -inf is never drawn */
-static double block_weights(const float *x, int n, float top, float scale, float *w) {
+ * weights below float's range are exactly 0, as a float32 softmax's underflow gives, so -inf is never drawn, and
+ * so are weights under floor (min_p's, relative to the largest weight, 1) */
+static double block_weights(const float *x, int n, float top, float scale, float floor, float *w) {
     __m256 acc = _mm256_setzero_ps(), t = _mm256_set1_ps(top), s = _mm256_set1_ps(scale);
     float pad[8], lanes[8];
     for (int j = 0; j < n; j += 8) {
@@ -519,6 +520,7 @@ static double block_weights(const float *x, int n, float top, float scale, float
         }
         __m256 a = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(src), t), s);
         __m256 e = _mm256_and_ps(exp8(a), _mm256_cmp_ps(a, _mm256_set1_ps(-87.33654f), _CMP_GT_OQ));
+        e = _mm256_and_ps(e, _mm256_cmp_ps(e, _mm256_set1_ps(floor), _CMP_GE_OQ));
         _mm256_storeu_ps(w + j, e);
         acc = _mm256_add_ps(acc, e);
     }
@@ -528,7 +530,7 @@ static double block_weights(const float *x, int n, float top, float scale, float
     return sum;
 }
 
-static int64_t draw_row(const float *x, int V, float scale, double u, double *block_sums) {
+static int64_t draw_row(const float *x, int V, float scale, float floor, double u, double *block_sums) {
     float top = row_max(x, V), w[SAMPLE_BLOCK];
     if (scale == 0.f) {
         for (int j = 0; j < V; j++) if (x[j] == top) return j;
@@ -538,7 +540,7 @@ static int64_t draw_row(const float *x, int V, float scale, double u, double *bl
     double total = 0.0;
     for (int k = 0; k < nb; k++) {
         int n = V - k * SAMPLE_BLOCK < SAMPLE_BLOCK ? V - k * SAMPLE_BLOCK : SAMPLE_BLOCK;
-        block_sums[k] = block_weights(x + (size_t)k * SAMPLE_BLOCK, n, top, scale, w);
+        block_sums[k] = block_weights(x + (size_t)k * SAMPLE_BLOCK, n, top, scale, floor, w);
         total += block_sums[k];
     }
     double target = u * total, before = 0.0;
@@ -550,7 +552,7 @@ static int64_t draw_row(const float *x, int V, float scale, double u, double *bl
     }
     if (k == nb) k = last;  /* rounding put the target past the end: the last block that has weight */
     int n = V - k * SAMPLE_BLOCK < SAMPLE_BLOCK ? V - k * SAMPLE_BLOCK : SAMPLE_BLOCK;
-    block_weights(x + (size_t)k * SAMPLE_BLOCK, n, top, scale, w);
+    block_weights(x + (size_t)k * SAMPLE_BLOCK, n, top, scale, floor, w);
     double cum = before;
     int pick = -1;
     for (int j = 0; j < n; j++) {
@@ -566,18 +568,188 @@ static float log_softmax_at(const float *x, int V, int64_t at) {
     float top = row_max(x, V), w[SAMPLE_BLOCK];
     double total = 0.0;
     for (int k = 0; k < V; k += SAMPLE_BLOCK)
-        total += block_weights(x + k, V - k < SAMPLE_BLOCK ? V - k : SAMPLE_BLOCK, top, 1.f, w);
+        total += block_weights(x + k, V - k < SAMPLE_BLOCK ? V - k : SAMPLE_BLOCK, top, 1.f, 0.f, w);
     return (float)(x[at] - top - log(total));
 }
 
-void sample_rows(const float *logits, const float *report, int B, int V, const float *inv_temp, const double *u,
-                 int64_t *token, float *logprob, int threads) {
+/* A row with top_k or top_p (and maybe min_p). The tokens within e^-9 of the most likely are gathered; where they
+ * do not hold the top_k tokens or top_p of the weight, a histogram of every token's log-weight (relative to the
+ * largest) gives the cutoff that does. The gathered tokens are sorted, most likely first. The kept set is
+ * the top_k most likely, then the smallest prefix whose probability (over the row, or over those k) reaches top_p,
+ * less those under min_p times the largest, and the token is drawn from them in that order, as generate.py's tensor
+ * path draws from its sorted candidates. Where that path finds its SAMPLE_CANDIDATES most likely tokens hold less
+ * than top_p (a flat row) it draws in vocabulary order instead, so here too: -1 is returned, and *floor is the
+ * smallest kept weight, for draw_row. */
+#define SAMPLE_CANDIDATES 256 /* generate.CANDIDATES */
+#define BUCKETS 128           /* of BUCKET_NATS each: weights down to e^-32 apart, the rest in the last */
+#define BUCKET_NATS 0.25f
+typedef struct { float w; int id; } candidate;
+
+static int most_likely_first(const void *a, const void *b) {
+    const candidate *x = a, *y = b;
+    return x->w != y->w ? (x->w < y->w ? 1 : -1) : x->id - y->id;
+}
+
+/* the tokens whose weight is at least cutoff (and above 0) into c, with all the weights' total in *total and the
+ * gathered ones' in *held: a vector compare per 8 weights, and most blocks hold none */
+static int gather_above(const float *x, int V, float top, float scale, float cutoff, candidate *c, double *total,
+                        double *held) {
+    float w[SAMPLE_BLOCK];
+    int n = 0;
+    *total = *held = 0.0;
+    for (int b0 = 0; b0 < V; b0 += SAMPLE_BLOCK) {
+        int len = V - b0 < SAMPLE_BLOCK ? V - b0 : SAMPLE_BLOCK;
+        *total += block_weights(x + b0, len, top, scale, 0.f, w);
+        for (int j = 0; j < len; j += 8) {
+            __m256 e = _mm256_loadu_ps(w + j);  /* block_weights wrote whole vectors: zeros past len */
+            int bits = _mm256_movemask_ps(_mm256_cmp_ps(e, _mm256_set1_ps(cutoff), _CMP_GE_OQ));
+            for (; bits; bits &= bits - 1) {
+                int i = j + __builtin_ctz(bits);
+                if (i < len && w[i] > 0.f) { c[n].w = w[i]; c[n].id = b0 + i; n++; *held += w[i]; }
+            }
+        }
+    }
+    return n;
+}
+
+/* rearranges c[0..n) so that its first m are the m most likely (in no order): quickselect */
+static void select_most_likely(candidate *c, int n, int m) {
+    int lo = 0, hi = n - 1;
+    while (lo < hi && m > lo && m <= hi) {
+        float pivot = c[lo + (hi - lo) / 2].w;
+        int i = lo, j = hi;
+        while (i <= j) {  /* heavier than the pivot to the left, lighter to the right */
+            while (c[i].w > pivot) i++;
+            while (c[j].w < pivot) j--;
+            if (i <= j) { candidate t = c[i]; c[i] = c[j]; c[j] = t; i++; j--; }
+        }
+        if (m <= j + 1) hi = j;      /* the first m lie in c[lo..j] */
+        else if (m >= i) lo = i;     /* c[lo..i) are all among the first m */
+        else return;                 /* c[j+1..i) equal the pivot: any m of them will do */
+    }
+}
+
+static int64_t draw_truncated(const float *x, int V, float scale, double u, int top_k, float top_p, float min_p,
+                              candidate *c, float *floor) {
+    float top = row_max(x, V), w[SAMPLE_BLOCK];
+    int k = top_k > 0 && top_k < V ? top_k : V;
+    double total, held;
+    /* most rows: the tokens within e^-9 of the most likely hold the kept set; else the histogram below */
+    int n = gather_above(x, V, top, scale, 1e-4f, c, &total, &held);
+    if (top_k > 0 ? n < k : held < (double)top_p * total) {
+        double mass[BUCKETS] = {0};
+        int count[BUCKETS] = {0};
+        for (int b0 = 0; b0 < V; b0 += SAMPLE_BLOCK) {
+            int len = V - b0 < SAMPLE_BLOCK ? V - b0 : SAMPLE_BLOCK;
+            block_weights(x + b0, len, top, scale, 0.f, w);
+            for (int j = 0; j < len; j++) {
+                float nats = (top - x[b0 + j]) * scale / BUCKET_NATS;  /* -log(weight), in buckets */
+                int bucket = nats < BUCKETS - 1 ? (int)nats : BUCKETS - 1;
+                mass[bucket] += w[j];
+                count[bucket]++;
+            }
+        }
+        int last = 0, seen = 0;
+        double sum = 0.0;
+        for (; last < BUCKETS - 1; last++) {  /* the buckets that hold the kept set */
+            sum += mass[last];
+            seen += count[last];
+            if (top_k > 0 ? seen >= k : sum >= (double)top_p * total) break;
+        }
+        n = 0;
+        for (int b0 = 0; b0 < V; b0 += SAMPLE_BLOCK) {  /* the same weights again: draw_row compares them to *floor */
+            int len = V - b0 < SAMPLE_BLOCK ? V - b0 : SAMPLE_BLOCK;
+            block_weights(x + b0, len, top, scale, 0.f, w);
+            for (int j = 0; j < len; j++) {
+                float nats = (top - x[b0 + j]) * scale / BUCKET_NATS;
+                if (w[j] > 0.f && (nats < BUCKETS - 1 ? (int)nats : BUCKETS - 1) <= last) {
+                    c[n].w = w[j];
+                    c[n].id = b0 + j;
+                    n++;
+                }
+            }
+        }
+    }
+    if (n == 0) return 0;
+    /* sorted: the top_k, or the SAMPLE_CANDIDATES most likely, and all of them only for a flat row */
+    int head = top_k > 0 ? (k < n ? k : n) : (SAMPLE_CANDIDATES < n ? SAMPLE_CANDIDATES : n);
+    select_most_likely(c, n, head);
+    qsort(c, head, sizeof(candidate), most_likely_first);
+    double head_weight = 0.0;
+    for (int j = 0; j < head; j++) head_weight += c[j].w;
+    int flat = top_k <= 0 && head_weight < (double)top_p * total;
+    if (flat) qsort(c, n, sizeof(candidate), most_likely_first);
+    else n = head;
+    double norm = top_k > 0 ? head_weight : total;  /* the top_k's own total, or the row's */
+    double before = 0.0, kept_total = 0.0;
+    int kept = 0;
+    for (; kept < n; kept++) {  /* the nucleus: every token whose predecessors hold less than top_p */
+        if (top_p < 1.f && before >= (double)top_p * norm) break;
+        before += c[kept].w;
+    }
+    if (flat) {
+        *floor = c[kept - 1].w > min_p ? c[kept - 1].w : min_p;
+        return -1;
+    }
+    for (int j = 0; j < kept; j++) {  /* min_p: a token under min_p times the largest weight is dropped */
+        if (c[j].w < min_p * c[0].w) c[j].w = 0.f;
+        kept_total += c[j].w;
+    }
+    double target = u * kept_total, cum = 0.0;
+    int pick = 0;
+    for (int j = 0; j < kept; j++) {
+        if (c[j].w <= 0.f) continue;
+        pick = j;
+        cum += c[j].w;
+        if (cum > target) break;
+    }
+    return c[pick].id;
+}
+
+void sample_rows(const float *logits, const float *report, int B, int V, const float *inv_temp, const int *top_k,
+                 const float *top_p, const float *min_p, const double *u, int64_t *token, float *logprob,
+                 int threads) {
     int nb = (V + SAMPLE_BLOCK - 1) / SAMPLE_BLOCK;
     double *block_sums = scratch(sizeof(double) * nb * B);
+    candidate *candidates = scratch(sizeof(candidate) * (size_t)V * threads);
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int b = 0; b < B; b++) {
-        token[b] = draw_row(logits + (size_t)b * V, V, inv_temp[b], u[b], block_sums + (size_t)b * nb);
+        const float *x = logits + (size_t)b * V;
+        double *sums = block_sums + (size_t)b * nb;
+        if (inv_temp[b] == 0.f || (top_k[b] == 0 && top_p[b] >= 1.f)) {  /* min_p alone: in vocabulary order */
+            token[b] = draw_row(x, V, inv_temp[b], min_p[b], u[b], sums);
+        } else {
+            float floor = 0.f;
+            token[b] = draw_truncated(x, V, inv_temp[b], u[b], top_k[b], top_p[b], min_p[b],
+                                      candidates + (size_t)V * omp_get_thread_num(), &floor);
+            if (token[b] < 0) token[b] = draw_row(x, V, inv_temp[b], floor, u[b], sums);
+        }
         logprob[b] = log_softmax_at(report + (size_t)b * V, V, token[b]);
     }
     free(block_sums);
+    free(candidates);
+}
+
+/* out = logits with each row's penalties: the repetition penalty on the tokens the row has seen (divided where
+ * positive, multiplied where not, as HF does), OpenAI's presence and frequency penalties on the tokens it has
+ * generated, then its logit bias. The same float operations, in the same order, as generate.Sampler.penalize's
+ * tensor path (so no multiply-add contraction here). Row b's history is row rows[b] of seen (bytes), counts and
+ * bias (each NULL when no row uses it). */
+__attribute__((optimize("fp-contract=off")))
+void penalize_rows(const float *logits, float *out, int B, int V, const int64_t *rows, const uint8_t *seen,
+                   const float *counts, const float *bias, const float *rep, const float *presence,
+                   const float *frequency, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int b = 0; b < B; b++) {
+        const float *x = logits + (size_t)b * V;
+        float *o = out + (size_t)b * V, r = rep[b], p = presence[b], f = frequency[b];
+        size_t at = (size_t)rows[b] * V;
+        int repeat = seen && r != 1.f, generated = counts && (p != 0.f || f != 0.f);
+        for (int j = 0; j < V; j++) {
+            float v = x[j];
+            if (repeat && seen[at + j]) v = v > 0.f ? v / r : v * r;
+            if (generated && counts[at + j] != 0.f) v = v - p - f * counts[at + j];
+            o[j] = bias ? v + bias[at + j] : v;
+        }
+    }
 }
