@@ -190,7 +190,6 @@ class Sampler:
                                                                         [generators[i] for i in picked]))
         return _sample_rows(logits, ps, generators)
 
-
     def draw(self, logits: torch.Tensor, rows: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """logits: (B, V), the model's, one row per entry of `rows` (None: all rows) -> token ids (B,) as `sample`
         picks them, and each one's log-probability under the model's own distribution, before penalties, bias

@@ -118,10 +118,9 @@ def penalize_rows(logits: torch.Tensor, rows: torch.Tensor, seen: torch.Tensor |
     logits = logits.contiguous()
     B, V = logits.shape
     out = torch.empty_like(logits)
-    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
-    library().penalize_rows(logits.data_ptr(), out.data_ptr(), B, V, rows.data_ptr(), ptr(seen), ptr(counts),
-                            ptr(bias), rep.data_ptr(), presence.data_ptr(), frequency.data_ptr(),
-                            min(torch.get_num_threads(), B))
+    matrices = [None if t is None else t.data_ptr() for t in (seen, counts, bias)]  # None: NULL, unused
+    library().penalize_rows(logits.data_ptr(), out.data_ptr(), B, V, rows.data_ptr(), *matrices, rep.data_ptr(),
+                            presence.data_ptr(), frequency.data_ptr(), min(torch.get_num_threads(), B))
     return out
 
 
