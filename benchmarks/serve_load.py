@@ -2,10 +2,12 @@
 
     python benchmarks/serve_load.py [--model smollm2] [--tokens 64] [--clients 8] [--skip-llama-cpp]
 
-For each server: one streaming client alone, then N at once (each with its own chat prompt), every answer
-exactly --tokens long (end-of-sequence tokens are biased away, so both servers do the same work). Reports
-aggregate completion tokens per second, time to first token, and whether the streams were served together
-(every stream got its first token before any stream finished). Appends a table to benchmarks/RESULTS.md.
+Both servers are started and stay up; each of --rounds rounds loads them in turn: one streaming client alone, then
+N at once (each with its own chat prompt), every answer exactly --tokens long (end-of-sequence tokens are biased
+away, so both servers do the same work). Reports the median round's aggregate completion tokens per second, time
+to first token, whether the streams were served together (every stream got its first token before any stream
+finished) and the server's CPU per token, and the ratio at N clients per round. Appends a table to
+benchmarks/RESULTS.md.
 Needs the bench extra for the llama.cpp side: pip install 'llama-cpp-python[server]'.
 """
 from __future__ import annotations
@@ -81,31 +83,39 @@ def cpu_seconds(pid: int) -> float | None:
         return None
 
 
-def run_server(name: str, cmd: list[str], base: str, model: str, args, bias: dict) -> list[dict]:
-    print(f"starting {name}: {' '.join(cmd)}", file=sys.stderr)
-    # mmchat on --threads threads, fixed as llama.cpp's --n_threads (not following the load: mmchat.threads)
-    env = {**os.environ, "MMCHAT_THREADS": str(args.threads)}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    try:
-        wait_up(base, proc)
-        asyncio.run(load(base, model, 1, 8, bias))  # warm-up
-        rows = []
-        for clients in (1, args.clients):
-            before = cpu_seconds(proc.pid)
-            row = asyncio.run(load(base, model, clients, args.tokens, bias))
-            after = cpu_seconds(proc.pid)
-            # the server's own CPU per token: less sensitive than tokens/s to other jobs on a shared machine
-            row["cpu_ms_per_token"] = None if before is None else (after - before) / row["tokens"] * 1e3
-            row["server"] = name + (f" ({args.serve_args})" if name == "mmchat" and args.serve_args else "")
-            print(row, file=sys.stderr)
-            rows.append(row)
-        return rows
-    finally:
-        proc.terminate()
+class Server:
+    """One server under test, started in its own process and kept up for every round."""
+
+    def __init__(self, name: str, cmd: list[str], base: str, model: str, threads: int):
+        self.name, self.base, self.model = name, base, model
+        print(f"starting {name}: {' '.join(cmd)}", file=sys.stderr)
+        # mmchat on `threads` threads, fixed as llama.cpp's --n_threads (not following the load: mmchat.threads)
+        env = {**os.environ, "MMCHAT_THREADS": str(threads)}
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+
+    def ready(self, bias: dict):
+        wait_up(self.base, self.proc)
+        asyncio.run(load(self.base, self.model, 1, 8, bias))  # warm-up
+
+    def measure(self, clients: int, tokens: int, bias: dict) -> dict:
+        before = cpu_seconds(self.proc.pid)
+        row = asyncio.run(load(self.base, self.model, clients, tokens, bias))
+        after = cpu_seconds(self.proc.pid)
+        # the server's own CPU per token: less sensitive than tokens/s to other jobs on a shared machine
+        row["cpu_ms_per_token"] = None if before is None else (after - before) / row["tokens"] * 1e3
+        return row
+
+    def stop(self):
+        self.proc.terminate()
         try:
-            proc.wait(timeout=20)
+            self.proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            self.proc.kill()
+
+
+def median_row(rows: list[dict]) -> dict:
+    """The round whose aggregate tokens/s is the median (the upper one of an even count)."""
+    return sorted(rows, key=lambda r: r["tok_s"])[len(rows) // 2]
 
 
 def main():
@@ -114,6 +124,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--rounds", type=int, default=3, help="each round loads every server in turn; medians reported")
     ap.add_argument("--skip-llama-cpp", action="store_true")
     ap.add_argument("--serve-args", default="", help="more `mmchat serve` options, e.g. '--dtype bfloat16 --quant none'")
     ap.add_argument("--results", default=str(Path(__file__).parent / "RESULTS.md"))
@@ -128,41 +139,55 @@ def main():
     end = [ckpt.tokenizer.special_ids[t] for t in ("<|im_end|>", "<|endoftext|>") if t in ckpt.tokenizer.special_ids]
     bias = {str(i): -100 for i in sorted(set(eos) | set(end))}
 
-    rows = []
+    mmchat_name = "mmchat" + (f" ({args.serve_args})" if args.serve_args else "")
     port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    rows += run_server("mmchat", [sys.executable, "-m", "mmchat", "serve", "--model", str(gguf), "--port", str(port),
-                                  "--slots", str(max(args.clients, 1)), *args.serve_args.split()],
-                     base, Path(gguf).stem, args, bias)
+    servers = [Server(mmchat_name, [sys.executable, "-m", "mmchat", "serve", "--model", str(gguf), "--port", str(port),
+                                    "--slots", str(max(args.clients, 1)), *args.serve_args.split()],
+                      f"http://127.0.0.1:{port}", Path(gguf).stem, args.threads)]
     if not args.skip_llama_cpp:
         port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        rows += run_server("llama-cpp-python server",
-                           [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port),
-                            "--host", "127.0.0.1", "--n_threads", str(args.threads), "--n_ctx", "2048",
-                            "--interrupt_requests", "False"],  # by default a new request cuts off the running one
-                           base, str(gguf), args, bias)
+        servers.append(Server("llama-cpp-python server",
+                              [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port),
+                               "--host", "127.0.0.1", "--n_threads", str(args.threads), "--n_ctx", "2048",
+                               "--interrupt_requests", "False"],  # by default a new request cuts off the running one
+                              f"http://127.0.0.1:{port}", str(gguf), args.threads))
+    rounds: dict[tuple[str, int], list[dict]] = {}
+    try:
+        for server in servers:  # both up at once (an idle one takes no CPU), so the rounds can alternate
+            server.ready(bias)
+        for r in range(args.rounds):
+            for server in servers:
+                for clients in (1, args.clients):
+                    row = server.measure(clients, args.tokens, bias)
+                    print(f"round {r + 1}/{args.rounds} {server.name}: {row}", file=sys.stderr)
+                    rounds.setdefault((server.name, clients), []).append(row)
+    finally:
+        for server in servers:
+            server.stop()
 
     load_avg = os.getloadavg()
     lines = [f"\n## Serving: {args.clients} concurrent streaming clients ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
              "", f"`python benchmarks/serve_load.py {' '.join(sys.argv[1:])}`; "
              f"{Path(gguf).name}; {os.cpu_count()} CPUs; load average during the run "
-             f"{load_avg[0]:.1f} (other processes share these cores, so absolute numbers vary between runs).", "",
+             f"{load_avg[0]:.1f} (other processes share these cores, so absolute numbers vary between runs). "
+             f"{args.rounds} rounds, each loading every server in turn; the median round of each:", "",
              "| server | clients | tokens | wall s | aggregate tok/s | mean time to first token s | served together "
              "| server CPU ms/token |",
              "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['server']} | {r['clients']} | {r['tokens']} | {r['wall_s']:.1f} | {r['tok_s']:.1f} | "
-                     f"{r['ttft_s']:.2f} | {'yes' if r['together'] else 'no'} | "
-                     f"{'-' if r['cpu_ms_per_token'] is None else format(r['cpu_ms_per_token'], '.1f')} |")
-    by = {(r["server"].split(" (")[0], r["clients"]): r["tok_s"] for r in rows}
-    if ("mmchat", 1) in by and ("mmchat", args.clients) in by:
-        lines.append(f"\nmmchat: {args.clients} clients / 1 client = "
-                     f"{by[('mmchat', args.clients)] / by[('mmchat', 1)]:.2f}x aggregate throughput.")
-    other = ("llama-cpp-python server", args.clients)
-    if other in by and ("mmchat", args.clients) in by:
-        lines.append(f"mmchat / llama-cpp-python server at {args.clients} clients = "
-                     f"{by[('mmchat', args.clients)] / by[other]:.2f}x.")
+    for (name, clients), rows in rounds.items():
+        m = median_row(rows)
+        lines.append(f"| {name} | {clients} | {m['tokens']} | {m['wall_s']:.1f} | {m['tok_s']:.1f} | "
+                     f"{m['ttft_s']:.2f} | {'yes' if m['together'] else 'no'} | "
+                     f"{'-' if m['cpu_ms_per_token'] is None else format(m['cpu_ms_per_token'], '.1f')} |")
+    ours = rounds.get((mmchat_name, args.clients))
+    if ours and (mmchat_name, 1) in rounds:
+        scaling = median_row(ours)["tok_s"] / median_row(rounds[(mmchat_name, 1)])["tok_s"]
+        lines.append(f"\nmmchat: {args.clients} clients / 1 client = {scaling:.2f}x aggregate throughput (medians).")
+    other = rounds.get(("llama-cpp-python server", args.clients))
+    if ours and other:
+        ratios = sorted(a["tok_s"] / b["tok_s"] for a, b in zip(ours, other))
+        lines.append(f"mmchat / llama-cpp-python server at {args.clients} clients, round by round: "
+                     f"{', '.join(f'{x:.2f}x' for x in ratios)} (sorted); median {ratios[len(ratios) // 2]:.2f}x.")
     text = "\n".join(lines) + "\n"
     print(text)
     with open(args.results, "a") as f:
