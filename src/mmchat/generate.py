@@ -272,7 +272,8 @@ def _invert_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     whose cumulative weight exceeds u times the total (zero-weight entries are never chosen). The sums run in
     float64, so u * total stays below the total and the tail of a long row is not lost to rounding. A long row
     is summed in blocks first, and only the block where the target falls is summed weight by weight: at 8 rows of
-    49152 this is 5x faster than a cumulative sum of the whole row, the largest cost of a sampled decode step."""
+    49152 this is 5x faster than a cumulative sum of the whole row. (On the CPU, unconstrained rows are drawn by
+    the same rule in C, Sampler.draw.)"""
     B, N = weights.shape
     if N <= 4 * CDF_BLOCK:
         cum = weights.double().cumsum(-1)  # (B, N)

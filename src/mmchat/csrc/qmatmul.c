@@ -585,6 +585,12 @@ static float log_softmax_at(const float *x, int V, int64_t at) {
 #define BUCKET_NATS 0.25f
 typedef struct { float w; int id; } candidate;
 
+/* the histogram bucket of a token's -log(weight): BUCKET_NATS wide, the last one open-ended (and -inf's) */
+static inline int bucket_of(float x, float top, float scale) {
+    float nats = (top - x) * scale / BUCKET_NATS;
+    return nats < BUCKETS - 1 ? (int)nats : BUCKETS - 1;
+}
+
 static int most_likely_first(const void *a, const void *b) {
     const candidate *x = a, *y = b;
     return x->w != y->w ? (x->w < y->w ? 1 : -1) : x->id - y->id;
@@ -643,8 +649,7 @@ static int64_t draw_truncated(const float *x, int V, float scale, double u, int 
             int len = V - b0 < SAMPLE_BLOCK ? V - b0 : SAMPLE_BLOCK;
             block_weights(x + b0, len, top, scale, 0.f, w);
             for (int j = 0; j < len; j++) {
-                float nats = (top - x[b0 + j]) * scale / BUCKET_NATS;  /* -log(weight), in buckets */
-                int bucket = nats < BUCKETS - 1 ? (int)nats : BUCKETS - 1;
+                int bucket = bucket_of(x[b0 + j], top, scale);
                 mass[bucket] += w[j];
                 count[bucket]++;
             }
@@ -661,8 +666,7 @@ static int64_t draw_truncated(const float *x, int V, float scale, double u, int 
             int len = V - b0 < SAMPLE_BLOCK ? V - b0 : SAMPLE_BLOCK;
             block_weights(x + b0, len, top, scale, 0.f, w);
             for (int j = 0; j < len; j++) {
-                float nats = (top - x[b0 + j]) * scale / BUCKET_NATS;
-                if (w[j] > 0.f && (nats < BUCKETS - 1 ? (int)nats : BUCKETS - 1) <= last) {
+                if (w[j] > 0.f && bucket_of(x[b0 + j], top, scale) <= last) {
                     c[n].w = w[j];
                     c[n].id = b0 + j;
                     n++;
