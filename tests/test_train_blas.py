@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mmchat import kernels
 from mmchat.config import CONFIGS
 from mmchat.errors import MMChatError
 from mmchat.model import Transformer
@@ -33,6 +34,23 @@ def test_blas_linear_matches_f_linear(bias):
     assert ours.shape == ref.shape and torch.allclose(ours, ref, rtol=1e-5, atol=1e-5)
     for a, r in zip(grads_ours, grads_ref):
         assert torch.allclose(a, r, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.skipif(not kernels.available(), reason="mmchat's C kernels are not built here")
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_team_gemm_gives_torch_products(threads):
+    """Every transpose combination, C split by columns (wide) and by rows (tall), spans that do not divide into the
+    threads' multiples of 16, and fewer rows than threads."""
+    g = torch.Generator().manual_seed(threads)
+    for M, N, K in [(37, 200, 24), (300, 50, 17), (5, 3, 9), (1, 70, 33)]:
+        for trans_a in (False, True):
+            for trans_b in (False, True):
+                a = torch.randn(*((K, M) if trans_a else (M, K)), generator=g)
+                b = torch.randn(*((N, K) if trans_b else (K, N)), generator=g)
+                out = torch.full((M, N), float("nan"))
+                kernels.sgemm(numpy_openblas()[0], a, b, trans_a, trans_b, out, threads)
+                ref = (a.T if trans_a else a) @ (b.T if trans_b else b)  # (M, N)
+                assert torch.allclose(out, ref, rtol=1e-5, atol=1e-4), (M, N, K, trans_a, trans_b)
 
 
 def test_frozen_weight_gets_no_gradient_product():

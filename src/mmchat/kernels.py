@@ -1,5 +1,6 @@
 """mmchat's own CPU kernels for weights kept in GGUF's 4- and 8-bit blocks (csrc/qmatmul.c): block matmuls, and
-every Llama block of a forward pass with a KV cache (decode steps, batches and prompts) in one call. Built once
+every Llama block of a forward pass with a KV cache (decode steps, batches and prompts) in one call, sampling, and
+the training step's float32 GEMMs split over torch's threads (mmchat.train.blas). Built once
 for this CPU with the system's C compiler (`cc -O3 -march=native`, a few seconds) into mmchat's cache and loaded
 with ctypes; where no compiler is found or the build fails, `available()` is False and torch's own weight-only
 kernels are used instead.
@@ -81,7 +82,11 @@ def library() -> ctypes.CDLL | None:
     lib.q8_matmul.argtypes = [_ptr, _ptr, _ptr, _ptr, _int, _int, _int, _int]
     lib.sample_rows.argtypes = [_ptr, _ptr, _int, _int] + [_ptr] * 7 + [_int]
     lib.penalize_rows.argtypes = [_ptr, _ptr, _int, _int] + [_ptr] * 7 + [_int]
-    lib.q4_matmul.restype = lib.q8_matmul.restype = lib.sample_rows.restype = lib.penalize_rows.restype = None
+    _i64 = ctypes.c_int64
+    lib.sgemm_team.argtypes = [_ptr, _int, _int, _i64, _i64, _i64, _ptr, _i64, _ptr, _i64, ctypes.c_float, _ptr,
+                               _i64, _int]
+    for fn in (lib.q4_matmul, lib.q8_matmul, lib.sample_rows, lib.penalize_rows, lib.sgemm_team):
+        fn.restype = None
     return lib
 
 
@@ -109,6 +114,16 @@ def q8_matmul(x: torch.Tensor, q8: torch.Tensor, d: torch.Tensor) -> torch.Tenso
     y = torch.empty(M, N, dtype=torch.float32)
     library().q8_matmul(q8.data_ptr(), d.data_ptr(), x.data_ptr(), y.data_ptr(), M, N, K, torch.get_num_threads())
     return y
+
+
+def sgemm(cblas_sgemm: int, a: torch.Tensor, b: torch.Tensor, trans_a: bool, trans_b: bool, out: torch.Tensor,
+          threads: int):
+    """out = op(a) @ op(b) for 2-D contiguous float32 tensors (op: transposed where trans_*), by a BLAS's cblas_sgemm
+    (its address; 64-bit integers) called single-threaded by each of `threads` OpenMP threads on its share of out."""
+    M, K = (a.size(1), a.size(0)) if trans_a else a.shape
+    N = b.size(0) if trans_b else b.size(1)
+    library().sgemm_team(cblas_sgemm, int(trans_a), int(trans_b), M, N, K, a.data_ptr(), a.stride(0), b.data_ptr(),
+                         b.stride(0), 0.0, out.data_ptr(), out.stride(0), threads)
 
 
 def penalize_rows(logits: torch.Tensor, rows: torch.Tensor, seen: torch.Tensor | None, counts: torch.Tensor | None,

@@ -757,3 +757,37 @@ void penalize_rows(const float *logits, float *out, int B, int V, const int64_t 
         }
     }
 }
+
+/* ---- float32 GEMMs on this process's thread team (training) -------------------------------------------------
+ * C (M, N) = op(A) op(B) + beta C, row-major, through a BLAS's cblas_sgemm (numpy's OpenBLAS, 64-bit integers)
+ * called single-threaded by each thread of the OpenMP team on its share of C: columns when C is wider than tall,
+ * else rows, in multiples of 16. The BLAS's own thread pool would run beside the team that torch's elementwise
+ * ops use, and the two spin against each other on the same cores (2 threads measured no faster than 1). */
+typedef void (*cblas_sgemm_fn)(int layout, int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+                               const float *a, int64_t lda, const float *b, int64_t ldb, float beta, float *c,
+                               int64_t ldc);
+enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
+
+void sgemm_team(void *sgemm, int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, const float *A, int64_t lda,
+                const float *B, int64_t ldb, float beta, float *C, int64_t ldc, int threads) {
+    cblas_sgemm_fn gemm = (cblas_sgemm_fn)sgemm;
+    int by_columns = N >= M;
+    int64_t span = by_columns ? N : M;
+    if (threads > (span + 15) / 16) threads = (int)((span + 15) / 16);
+    if (threads < 1) threads = 1;
+    #pragma omp parallel num_threads(threads)
+    {
+        int t = omp_get_thread_num(), n_t = omp_get_num_threads();
+        int64_t per = (span / n_t + 15) / 16 * 16;
+        int64_t lo = t * per, hi = t == n_t - 1 ? span : lo + per;
+        if (hi > span) hi = span;
+        if (lo < hi) {
+            if (by_columns)  /* C[:, lo:hi] = op(A) op(B)[:, lo:hi] */
+                gemm(ROW_MAJOR, trans_a ? TRANS : NO_TRANS, trans_b ? TRANS : NO_TRANS, M, hi - lo, K, 1.0f, A, lda,
+                     trans_b ? B + lo * ldb : B + lo, ldb, beta, C + lo, ldc);
+            else             /* C[lo:hi] = op(A)[lo:hi] op(B) */
+                gemm(ROW_MAJOR, trans_a ? TRANS : NO_TRANS, trans_b ? TRANS : NO_TRANS, hi - lo, N, K, 1.0f,
+                     trans_a ? A + lo : A + lo * lda, lda, B, ldb, beta, C + lo * ldc, ldc);
+        }
+    }
+}
