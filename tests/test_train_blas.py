@@ -11,7 +11,9 @@ from mmchat import kernels
 from mmchat.config import CONFIGS
 from mmchat.errors import MMChatError
 from mmchat.model import Transformer
-from mmchat.train.blas import BlasLinears, blas_linear, numpy_openblas, use_openblas
+from mmchat.model import apply_rope, rope_tables
+from mmchat.train.blas import (BlasLinears, RMSNormFn, RopeHeads, SwiGLUFn, blas_linear, head_nll, numpy_openblas,
+                               use_openblas)
 from mmchat.train.loop import ChunkedNLL, TrainConfig
 from mmchat.train.lora import apply_lora
 from mmchat.train.pretrain import pretrain
@@ -51,6 +53,65 @@ def test_team_gemm_gives_torch_products(threads):
                 kernels.sgemm(numpy_openblas()[0], a, b, trans_a, trans_b, out, threads)
                 ref = (a.T if trans_a else a) @ (b.T if trans_b else b)  # (M, N)
                 assert torch.allclose(out, ref, rtol=1e-5, atol=1e-4), (M, N, K, trans_a, trans_b)
+
+
+@pytest.mark.skipif(not kernels.available(), reason="mmchat's C kernels are not built here")
+@pytest.mark.parametrize("frozen_head", [False, True])
+def test_head_and_loss_together_give_cross_entropys_values_and_gradients(frozen_head):
+    g = torch.Generator().manual_seed(1)
+    hidden = (3 * torch.randn(37, 48, generator=g)).requires_grad_()  # (N, d)
+    weight = torch.randn(1003, 48, generator=g).requires_grad_(not frozen_head)  # (V, d): V not a multiple of 8
+    targets = torch.randint(0, 1003, (37,), generator=g)
+    upstream = torch.rand(37, generator=g)  # a weight per row, as a loss averaged over other counts gives
+    ours = head_nll(hidden, weight, targets)
+    ref = F.cross_entropy(hidden @ weight.T, targets, reduction="none")
+    assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-5)
+    inputs = [hidden] if frozen_head else [hidden, weight]
+    for a, r in zip(torch.autograd.grad((ours * upstream).sum(), inputs),
+                    torch.autograd.grad((ref * upstream).sum(), inputs)):
+        assert torch.allclose(a, r, rtol=1e-4, atol=1e-5)
+    none = head_nll(hidden[:0], weight, targets[:0])  # no loss positions: an empty loss, zero gradients
+    assert none.shape == (0,) and all(torch.count_nonzero(d) == 0
+                                      for d in torch.autograd.grad(none.sum(), inputs))
+
+
+def values_and_grads(fn, inputs, upstream):
+    out = fn(*inputs)
+    outs = out if isinstance(out, tuple) else (out,)
+    loss = sum((o * u).sum() for o, u in zip(outs, upstream))
+    return outs, torch.autograd.grad(loss, [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad])
+
+
+@pytest.mark.skipif(not kernels.available(), reason="mmchat's C kernels are not built here")
+def test_fused_layers_give_torchs_values_and_gradients():
+    """RMSNorm, SwiGLU, and RoPE with the heads' layout, against the module path's tensor ops (shapes whose rows
+    do not divide into 8-float lanes where the kernels allow it)."""
+    g = torch.Generator().manual_seed(2)
+    B, T, nh, nkv, hs = 2, 7, 6, 2, 32
+
+    def check(ours, ref, inputs, out_shapes):
+        upstream = [torch.randn(*s, generator=g) for s in out_shapes]
+        (o, go), (r, gr) = values_and_grads(ours, inputs, upstream), values_and_grads(ref, inputs, upstream)
+        for a, b in zip(o + go, r + gr):
+            assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+    x = torch.randn(B, T, 75, generator=g).requires_grad_()  # d = 75
+    w = (1 + 0.1 * torch.randn(75, generator=g)).requires_grad_()
+    check(lambda x, w: RMSNormFn.apply(x, w, 1e-5), lambda x, w: F.rms_norm(x, (75,), w, 1e-5), [x, w], [(B, T, 75)])
+
+    h = (3 * torch.randn(B, T, 2 * 37, generator=g)).requires_grad_()  # [gate | up], f = 37
+    check(SwiGLUFn.apply, lambda h: F.silu(h[..., :37]) * h[..., 37:], [h], [(B, T, 37)])
+
+    cos, sin = rope_tables(hs, 64, 10000.0)  # (64, hs) each
+    pos = torch.randint(0, 64, (B, T), generator=g)  # each row its own positions
+    qkv = torch.randn(B, T, (nh + 2 * nkv) * hs, generator=g).requires_grad_()
+
+    def reference(qkv):
+        heads = qkv.view(B, T, nh + 2 * nkv, hs).transpose(1, 2)  # (B, H, T, hs)
+        qk = apply_rope(heads[:, :nh + nkv], cos[pos].unsqueeze(1), sin[pos].unsqueeze(1))
+        return qk[:, :nh], qk[:, nh:], heads[:, nh + nkv:]
+    check(lambda qkv: RopeHeads.apply(qkv, cos[pos], sin[pos], nh, nkv), reference, [qkv],
+          [(B, nh, T, hs), (B, nkv, T, hs), (B, nkv, T, hs)])
 
 
 def test_frozen_weight_gets_no_gradient_product():

@@ -294,8 +294,8 @@ def test_head_and_loss_only_at_loss_positions_match_full_logits_masked(tmp_path,
     grads_ref = grads_of(model, ref)
     assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
     assert grads_ours.keys() == grads_ref.keys() and len(grads_ref) > 0
-    for name, grad in grads_ref.items():
-        assert torch.allclose(grads_ours[name], grad, rtol=1e-4, atol=1e-6), name
+    for name, grad in grads_ref.items():  # float32 rounding, relative to each gradient's scale
+        assert torch.allclose(grads_ours[name], grad, rtol=1e-4, atol=1e-6 * grad.abs().max()), name
     assert trainer.evaluate() == pytest.approx(ref.item() / int(mask.sum()), rel=1e-5)
 
 

@@ -85,7 +85,14 @@ def library() -> ctypes.CDLL | None:
     _i64 = ctypes.c_int64
     lib.sgemm_team.argtypes = [_ptr, _int, _int, _i64, _i64, _i64, _ptr, _i64, _ptr, _i64, ctypes.c_float, _ptr,
                                _i64, _int]
-    for fn in (lib.q4_matmul, lib.q8_matmul, lib.sample_rows, lib.penalize_rows, lib.sgemm_team):
+    lib.nll_rows.argtypes = [_ptr, _ptr, _i64, _int, _ptr, _int]
+    lib.rms_norm_fwd.argtypes = [_ptr, _ptr, ctypes.c_float, _i64, _int, _ptr, _ptr, _int]
+    lib.rms_norm_bwd.argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _int, _ptr, _ptr, _int]
+    lib.swiglu_fwd.argtypes = [_ptr, _i64, _int, _ptr, _int]
+    lib.swiglu_bwd.argtypes = [_ptr, _ptr, _i64, _int, _ptr, _int]
+    lib.rope_heads.argtypes = [_ptr] * 6 + [_int] * 7
+    for fn in (lib.q4_matmul, lib.q8_matmul, lib.sample_rows, lib.penalize_rows, lib.sgemm_team, lib.nll_rows,
+               lib.rms_norm_fwd, lib.rms_norm_bwd, lib.swiglu_fwd, lib.swiglu_bwd, lib.rope_heads):
         fn.restype = None
     return lib
 
@@ -124,6 +131,15 @@ def sgemm(cblas_sgemm: int, a: torch.Tensor, b: torch.Tensor, trans_a: bool, tra
     N = b.size(0) if trans_b else b.size(1)
     library().sgemm_team(cblas_sgemm, int(trans_a), int(trans_b), M, N, K, a.data_ptr(), a.stride(0), b.data_ptr(),
                          b.stride(0), 0.0, out.data_ptr(), out.stride(0), threads)
+
+
+def nll_rows(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """logits (N, V) contiguous float32, targets (N,) int64 -> -log softmax(logits)[target] per row (N,); the logits
+    are overwritten with that loss's gradient, softmax(row) - onehot(target)."""
+    N, V = logits.shape
+    nll = torch.empty(N, dtype=torch.float32)
+    library().nll_rows(logits.data_ptr(), targets.data_ptr(), N, V, nll.data_ptr(), torch.get_num_threads())
+    return nll
 
 
 def penalize_rows(logits: torch.Tensor, rows: torch.Tensor, seen: torch.Tensor | None, counts: torch.Tensor | None,

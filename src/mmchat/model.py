@@ -271,14 +271,14 @@ class Transformer(nn.Module):
         return self.tok_embeddings(tokens)  # (B, T, d)
 
     def forward(self, tokens=None, input_pos=None, embeds=None, output_index=None, cache_rows=None,
-                hidden_states: list | None = None, keep=None):
+                hidden_states: list | None = None, keep=None, head: bool = True):
         """tokens: (B, T) ids, or embeds: (B, T, d). input_pos: (B, T) positions; None means 0..T-1.
         With a cache set up, keys/values are written at input_pos and every query sees the cached slots at or
         before its own position; `cache_rows` (B,) picks which cache rows the batch rows use (default 0..B-1).
         Returns logits (B, T, V), or (B, 1, V) at one position per row when
         `output_index` (B,) is given, or (N, V) at the N positions where `keep` (B, T) bool is true (training: the
-        head runs only where there is loss). If `hidden_states` is a list, the residual stream after each block is
-        appended to it (for the logit lens)."""
+        head runs only where there is loss); with head=False the final norm's output there instead, (..., d). If
+        `hidden_states` is a list, the residual stream after each block is appended to it (for the logit lens)."""
         x = self.embed(tokens) if embeds is None else embeds  # (B, T, d)
         B, T, _ = x.shape
         if input_pos is None:
@@ -297,7 +297,7 @@ class Transformer(nn.Module):
             x = x[torch.arange(B, device=x.device), output_index][:, None]  # (B, 1, d)
         elif keep is not None:
             x = x[keep]  # (N, d)
-        return self.lm_head(self.norm(x))  # (B, T, V)
+        return self.lm_head(self.norm(x)) if head else self.norm(x)  # (B, T, V) or (B, T, d)
 
     def _blocks(self, x, input_pos, cache_rows, hidden_states):
         """The blocks one module at a time (any model, any device; the reference for the fused path)."""

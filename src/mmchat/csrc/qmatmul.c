@@ -791,3 +791,153 @@ void sgemm_team(void *sgemm, int trans_a, int trans_b, int64_t M, int64_t N, int
         }
     }
 }
+
+/* ---- the training loss: -log softmax(logits)[target] per row, and its gradient in the logits' place -----------
+ * nll[i] = logsumexp(row i) - row_i[target_i]; the row is then overwritten with d nll_i / d row_i =
+ * softmax(row_i) - onehot(target_i). A row (V floats) stays in cache over its three passes (max, sum of
+ * exponentials, gradient), so the logits cross memory once; backward only scales this gradient. */
+void nll_rows(float *logits, const int64_t *targets, int64_t N, int V, float *nll, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t i = 0; i < N; i++) {
+        float *x = logits + i * V;
+        float top = row_max(x, V);
+        __m256 t = _mm256_set1_ps(top), acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                                                   _mm256_setzero_ps()};
+        int j = 0;
+        for (; j + 32 <= V; j += 32)  /* four sums: the adds overlap, and each holds fewer terms */
+            for (int a = 0; a < 4; a++)
+                acc[a] = _mm256_add_ps(acc[a], exp8(_mm256_sub_ps(_mm256_loadu_ps(x + j + 8 * a), t)));
+        double sum = (double)hsum(acc[0]) + hsum(acc[1]) + hsum(acc[2]) + hsum(acc[3]);
+        for (; j < V; j++) sum += expf(x[j] - top);
+        float lse = top + (float)log(sum);
+        nll[i] = lse - x[targets[i]];
+        __m256 l = _mm256_set1_ps(lse);
+        for (j = 0; j + 8 <= V; j += 8) _mm256_storeu_ps(x + j, exp8(_mm256_sub_ps(_mm256_loadu_ps(x + j), l)));
+        for (; j < V; j++) x[j] = expf(x[j] - lse);
+        x[targets[i]] -= 1.f;
+    }
+}
+
+/* ---- the training step's elementwise layers, forward and backward (float32, rows split over the team) -------
+ * Each replaces a chain of tensor ops (and their saved intermediates) with one pass over the rows. */
+
+/* RMSNorm: y = x * rstd * w with rstd = 1 / sqrt(mean(x^2) + eps), per row of D; rstd (N,) is kept for backward */
+void rms_norm_fwd(const float *x, const float *w, float eps, int64_t N, int D, float *y, float *rstd, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t i = 0; i < N; i++) {
+        const float *xi = x + i * D;
+        __m256 sq = _mm256_setzero_ps();
+        int j = 0;
+        for (; j + 8 <= D; j += 8) sq = _mm256_fmadd_ps(_mm256_loadu_ps(xi + j), _mm256_loadu_ps(xi + j), sq);
+        float ss = hsum(sq);
+        for (; j < D; j++) ss += xi[j] * xi[j];
+        float r = 1.f / sqrtf(ss / D + eps);
+        rstd[i] = r;
+        for (j = 0; j < D; j++) y[i * D + j] = xi[j] * r * w[j];
+    }
+}
+
+/* dx = rstd * (w dy - x rstd^2 mean(w dy x)) per row; dw (D,) = sum over rows of dy x rstd, unless dw is NULL */
+void rms_norm_bwd(const float *x, const float *w, const float *rstd, const float *dy, int64_t N, int D, float *dx,
+                  float *dw, int threads) {
+    float *partial = dw ? calloc((size_t)threads * D, sizeof(float)) : NULL;  /* each thread's share of dw */
+    #pragma omp parallel num_threads(threads)
+    {
+        float *mine = partial ? partial + (size_t)omp_get_thread_num() * D : NULL;
+        #pragma omp for schedule(static)
+        for (int64_t i = 0; i < N; i++) {
+            const float *xi = x + i * D, *gi = dy + i * D;
+            float r = rstd[i], dot = 0.f;
+            for (int j = 0; j < D; j++) dot += w[j] * gi[j] * xi[j];
+            float c = dot * r * r / D;
+            for (int j = 0; j < D; j++) dx[i * D + j] = r * (w[j] * gi[j] - xi[j] * c);
+            if (mine)
+                for (int j = 0; j < D; j++) mine[j] += gi[j] * xi[j] * r;
+        }
+    }
+    if (dw) {
+        for (int j = 0; j < D; j++) {
+            float s = 0.f;
+            for (int t = 0; t < threads; t++) s += partial[(size_t)t * D + j];
+            dw[j] = s;
+        }
+        free(partial);
+    }
+}
+
+static inline __m256 sigmoid8(__m256 g) {
+    return _mm256_div_ps(_mm256_set1_ps(1.f), _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+}
+
+/* SwiGLU: out (N, F) = silu(gate) * up for h (N, 2F) = [gate | up] (the fused projection's output) */
+void swiglu_fwd(const float *h, int64_t N, int F, float *out, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t i = 0; i < N; i++) {
+        const float *g = h + i * 2 * F, *u = g + F;
+        float *o = out + i * F;
+        int j = 0;
+        for (; j + 8 <= F; j += 8) {
+            __m256 gj = _mm256_loadu_ps(g + j);
+            _mm256_storeu_ps(o + j, _mm256_mul_ps(_mm256_mul_ps(gj, sigmoid8(gj)), _mm256_loadu_ps(u + j)));
+        }
+        for (; j < F; j++) o[j] = g[j] / (1.f + expf(-g[j])) * u[j];
+    }
+}
+
+/* d gate = dout up s (1 + gate (1 - s)) with s = sigmoid(gate), d up = dout silu(gate): dh (N, 2F) */
+void swiglu_bwd(const float *h, const float *dout, int64_t N, int F, float *dh, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t i = 0; i < N; i++) {
+        const float *g = h + i * 2 * F, *u = g + F, *d = dout + i * F;
+        float *dg = dh + i * 2 * F, *du = dg + F;
+        int j = 0;
+        const __m256 one = _mm256_set1_ps(1.f);
+        for (; j + 8 <= F; j += 8) {
+            __m256 gj = _mm256_loadu_ps(g + j), s = sigmoid8(gj), dj = _mm256_loadu_ps(d + j);
+            __m256 ds = _mm256_mul_ps(s, _mm256_fmadd_ps(gj, _mm256_sub_ps(one, s), one));  /* silu'(gate) */
+            _mm256_storeu_ps(dg + j, _mm256_mul_ps(_mm256_mul_ps(dj, _mm256_loadu_ps(u + j)), ds));
+            _mm256_storeu_ps(du + j, _mm256_mul_ps(dj, _mm256_mul_ps(gj, s)));
+        }
+        for (; j < F; j++) {
+            float s = 1.f / (1.f + expf(-g[j]));
+            dg[j] = d[j] * u[j] * s * (1.f + g[j] * (1.f - s));
+            du[j] = d[j] * g[j] * s;
+        }
+    }
+}
+
+/* x (hs) rotated by the row's angles into out, or back (the transpose, for gradients): pairs (i, i + hs/2), sin's
+ * first half negated as in model.rope_tables. hs a multiple of 16. */
+static inline void rotate(const float *x, const float *cos, const float *sin, int hs, int back, float *out) {
+    int half = hs / 2;
+    for (int i = 0; i < half; i += 8) {
+        __m256 x1 = _mm256_loadu_ps(x + i), x2 = _mm256_loadu_ps(x + half + i);
+        __m256 c1 = _mm256_loadu_ps(cos + i), c2 = _mm256_loadu_ps(cos + half + i);
+        __m256 s1 = _mm256_loadu_ps(sin + i), s2 = _mm256_loadu_ps(sin + half + i);
+        if (back) { __m256 t = s1; s1 = s2; s2 = t; }  /* forward: (x1 c1 + x2 s1, x2 c2 + x1 s2); back: s swapped */
+        _mm256_storeu_ps(out + i, _mm256_fmadd_ps(x2, s1, _mm256_mul_ps(x1, c1)));
+        _mm256_storeu_ps(out + half + i, _mm256_fmadd_ps(x1, s2, _mm256_mul_ps(x2, c2)));
+    }
+}
+
+/* The fused Q/K/V projection's output (B, T, nh + 2 nkv, hs) -> q (B, nh, T, hs) and k (B, nkv, T, hs) rotated by
+ * their row's angles (cos, sin (B, T, hs)), and v (B, nkv, T, hs): the heads' layout attention takes. With back
+ * set, the reverse for gradients: dq, dk rotated back and dv gathered into dqkv (B, T, nh + 2 nkv, hs). */
+void rope_heads(float *qkv, float *q, float *k, float *v, const float *cos, const float *sin, int B, int T, int nh,
+                int nkv, int hs, int back, int threads) {
+    int H = nh + 2 * nkv;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t bt = 0; bt < (int64_t)B * T; bt++) {
+        int64_t b = bt / T, t = bt % T;
+        float *row = qkv + bt * H * hs;
+        const float *c = cos + bt * hs, *s = sin + bt * hs;
+        for (int h = 0; h < H; h++) {
+            float *heads = h < nh ? q : h < nh + nkv ? k : v;
+            int64_t hh = h < nh ? h : h < nh + nkv ? h - nh : h - nh - nkv, n = h < nh ? nh : nkv;
+            float *at = heads + ((b * n + hh) * T + t) * hs;
+            if (h >= nh + nkv) memcpy(back ? row + h * hs : at, back ? at : row + h * hs, sizeof(float) * hs);
+            else if (back) rotate(at, c, s, hs, 1, row + h * hs);
+            else rotate(row + h * hs, c, s, hs, 0, at);
+        }
+    }
+}

@@ -104,20 +104,157 @@ class BlasLinear(torch.autograd.Function):
         return dx, dw, db
 
 
+class HeadNLL(torch.autograd.Function):
+    """-log softmax(hidden W^T)[target] per row, the head's matmul and the loss together: the loss's C kernel
+    overwrites the logits with their gradient as it goes, so backward makes no pass over the (N, V) logits, only
+    the two products with that gradient, the upstream gradient (one scalar per row) applied to their thin sides.
+    The same values and gradients as the head then ChunkedNLL, within float32 rounding."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets):  # hidden (N, d), weight (V, d), targets (N,) ids
+        hidden, weight = hidden.contiguous(), weight.contiguous()
+        grad_logits = _sgemm(hidden, weight, False, True)  # (N, V) the logits, made their gradient in place:
+        nll = kernels.nll_rows(grad_logits, targets.contiguous())  # (N,)
+        ctx.save_for_backward(hidden, weight, grad_logits)
+        return nll
+
+    @staticmethod
+    def backward(ctx, grad):  # grad (N,)
+        hidden, weight, grad_logits = ctx.saved_tensors
+        grad = grad.contiguous()[:, None]  # (N, 1)
+        dh = _sgemm(grad_logits, weight, False, False) * grad if ctx.needs_input_grad[0] else None  # (N, d)
+        dw = _sgemm(grad_logits, hidden * grad, True, False) if ctx.needs_input_grad[1] else None  # (V, d)
+        return dh, dw, None
+
+
+def head_nll(hidden, weight, targets):
+    """hidden (N, d) float32, weight (V, d), targets (N,) -> the loss per row (N,), see HeadNLL."""
+    if hidden.size(0) == 0:  # no loss here: zero, with (zero) gradients for DDP
+        return hidden.sum(-1) + 0 * weight.sum()
+    return HeadNLL.apply(hidden, weight, targets)
+
+
 def blas_linear(x, weight, bias=None):
     return BlasLinear.apply(x, weight, bias)
 
 
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class RMSNormFn(torch.autograd.Function):
+    """F.rms_norm(x, (d,), weight, eps) in one pass per row each way (csrc: rms_norm_fwd, rms_norm_bwd); saves x and
+    one scale per row."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):  # x (..., d), weight (d,)
+        x2 = x.reshape(-1, x.size(-1)).contiguous()  # (N, d)
+        y, rstd = torch.empty_like(x2), torch.empty(x2.size(0))  # (N, d), (N,)
+        kernels.library().rms_norm_fwd(_ptr(x2), _ptr(weight), eps, *x2.shape, _ptr(y), _ptr(rstd),
+                                       torch.get_num_threads())
+        ctx.save_for_backward(x2, weight, rstd)
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):  # dy (..., d)
+        x2, weight, rstd = ctx.saved_tensors
+        dy2 = dy.reshape(x2.shape).contiguous()  # (N, d)
+        dx = torch.empty_like(x2)
+        dw = torch.empty_like(weight) if ctx.needs_input_grad[1] else None  # (d,)
+        kernels.library().rms_norm_bwd(_ptr(x2), _ptr(weight), _ptr(rstd), _ptr(dy2), *x2.shape, _ptr(dx), _ptr(dw),
+                                       torch.get_num_threads())
+        return dx.view(dy.shape), dw, None
+
+
+class SwiGLUFn(torch.autograd.Function):
+    """silu(gate) * up for h = [gate | up] (..., 2f), the fused gate/up projection's output -> (..., f); backward
+    writes the gradient of h directly (no split, no concatenation). Saves only h."""
+
+    @staticmethod
+    def forward(ctx, h):
+        h2 = h.reshape(-1, h.size(-1)).contiguous()  # (N, 2f)
+        out = torch.empty(h2.size(0), h2.size(1) // 2)  # (N, f)
+        kernels.library().swiglu_fwd(_ptr(h2), h2.size(0), out.size(1), _ptr(out), torch.get_num_threads())
+        ctx.save_for_backward(h2)
+        return out.view(*h.shape[:-1], out.size(1))
+
+    @staticmethod
+    def backward(ctx, dout):  # (..., f)
+        (h2,) = ctx.saved_tensors
+        d2 = dout.reshape(h2.size(0), -1).contiguous()  # (N, f)
+        dh = torch.empty_like(h2)  # (N, 2f)
+        kernels.library().swiglu_bwd(_ptr(h2), _ptr(d2), h2.size(0), d2.size(1), _ptr(dh), torch.get_num_threads())
+        return dh.view(*dout.shape[:-1], h2.size(1))
+
+
+class RopeHeads(torch.autograd.Function):
+    """The fused Q/K/V projection's output (B, T, (nh + 2 nkv) hs) -> q (B, nh, T, hs), k and v (B, nkv, T, hs),
+    contiguous, q and k rotated at their rows' angles (cos, sin (B, T, hs)): the slicing, transposes, roll and
+    products of model.apply_rope in one pass (csrc: rope_heads), and the reverse for the gradients."""
+
+    @staticmethod
+    def forward(ctx, qkv, cos, sin, nh: int, nkv: int):
+        B, T, _ = qkv.shape
+        hs = qkv.size(-1) // (nh + 2 * nkv)
+        qkv, cos, sin = qkv.contiguous(), cos.contiguous(), sin.contiguous()
+        q, k, v = torch.empty(B, nh, T, hs), torch.empty(B, nkv, T, hs), torch.empty(B, nkv, T, hs)
+        kernels.library().rope_heads(*map(_ptr, (qkv, q, k, v, cos, sin)), B, T, nh, nkv, hs, 0,
+                                     torch.get_num_threads())
+        ctx.save_for_backward(cos, sin)
+        ctx.dims = (B, T, nh, nkv, hs)
+        return q, k, v
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        cos, sin = ctx.saved_tensors
+        B, T, nh, nkv, hs = ctx.dims
+        dq, dk, dv = (torch.zeros(B, n, T, hs) if d is None else d.contiguous() for d, n in ((dq, nh), (dk, nkv), (dv, nkv)))
+        dqkv = torch.empty(B, T, (nh + 2 * nkv) * hs)
+        kernels.library().rope_heads(*map(_ptr, (dqkv, dq, dk, dv, cos, sin)), B, T, nh, nkv, hs, 1,
+                                     torch.get_num_threads())
+        return dqkv, None, None, None, None
+
+
+def _fp32_cpu(*tensors) -> bool:
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+
+
 def _linear_forward(self, x):
-    if x.dtype != torch.float32 or self.weight.dtype != torch.float32 or x.device.type != "cpu":
+    if not _fp32_cpu(x, self.weight):
         return nn.functional.linear(x, self.weight, self.bias)
     return blas_linear(x, self.weight, self.bias)
 
 
+def _rms_norm_forward(self, x):
+    if not _fp32_cpu(x, self.weight):
+        return type(self).forward(self, x)
+    return RMSNormFn.apply(x, self.weight, self.eps)
+
+
+def _mlp_forward(self, x):
+    if not self.gated or not _fp32_cpu(x):
+        return type(self).forward(self, x)
+    return self.w_down(SwiGLUFn.apply(self.w_up(x)))  # (B, T, d)
+
+
+def _attention_forward(self, x, rope, input_pos, mask, cache_rows=None):
+    """Training's attention (no cache, plain causal, RoPE): the heads split and rotated by RopeHeads."""
+    if self.cache is not None or mask is not None or self.use_reference or rope is None or self.head_dim % 16 \
+            or not _fp32_cpu(x):
+        return type(self).forward(self, x, rope, input_pos, mask, cache_rows)
+    B, T, _ = x.shape
+    cos, sin = (t.squeeze(1) for t in rope)  # (B, T, hs) each
+    q, k, v = RopeHeads.apply(self.wqkv(x), cos, sin, self.n_head, self.n_kv_head)  # (B, nh|nkv, T, hs)
+    y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                   enable_gqa=self.n_head != self.n_kv_head)  # (B, nh, T, hs)
+    return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, d)
+
+
 class BlasLinears:
-    """Swaps every nn.Linear of `model` onto blas_linear for the span of `swapped()` (an instance attribute
-    `forward`, removed afterwards: the modules, their parameters and state dicts are untouched). OpenBLAS is set
-    to one thread per call: the threads are torch's (see _sgemm)."""
+    """Swaps every nn.Linear of `model` onto blas_linear, and its RMSNorms, SwiGLU MLPs and attention's RoPE onto
+    the functions above, for the span of `swapped()` (an instance attribute `forward`, removed afterwards: the
+    modules, their parameters and state dicts are untouched). OpenBLAS is set to one thread per call: the threads
+    are torch's (see _sgemm)."""
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -125,11 +262,14 @@ class BlasLinears:
 
     @contextlib.contextmanager
     def swapped(self):
-        linears = [m for m in self.model.modules() if type(m) is nn.Linear]
-        for m in linears:
-            m.forward = _linear_forward.__get__(m)
+        from ..model import MLP, Attention, RMSNorm
+        forwards = {nn.Linear: _linear_forward, RMSNorm: _rms_norm_forward, MLP: _mlp_forward,
+                    Attention: _attention_forward}
+        swapped = [m for m in self.model.modules() if type(m) in forwards]
+        for m in swapped:
+            m.forward = forwards[type(m)].__get__(m)
         try:
             yield
         finally:
-            for m in linears:
+            for m in swapped:
                 del m.forward

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from ..errors import MMChatError
 from ..quantize import FAST_PATH_MIN_PARAMS, cpu_has_bf16
-from .blas import BlasLinears, use_openblas
+from .blas import BlasLinears, head_nll, use_openblas
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -459,9 +459,13 @@ class Trainer:
         carries loss (pretraining) the model runs as it is, without picking rows. With none, the sum is 0 and every
         parameter still gets its (zero) gradient, as DDP needs: the N = 0 rows stay in the graph."""
         keep = None if mask.all() else mask  # (B, T) bool
-        with self._autocast(), self.blas.swapped() if self.blas else contextlib.nullcontext():
-            logits = self.ddp_model(x, keep=keep)  # (B, T, V), or (N, V) at the kept positions
         targets = y.flatten() if keep is None else y[keep]  # (N,)
+        if self.blas:  # the head and the loss in one function (mmchat.train.blas.HeadNLL)
+            with self.blas.swapped():
+                hidden = self.ddp_model(x, keep=keep, head=False)  # (B, T, d), or (N, d) at the kept positions
+            return head_nll(hidden.flatten(0, -2), self.model.lm_head.weight, targets).sum()
+        with self._autocast():
+            logits = self.ddp_model(x, keep=keep)  # (B, T, V), or (N, V) at the kept positions
         return ChunkedNLL.apply(logits.flatten(0, -2), targets).sum()  # (N,) float32, summed
 
     def _train_step(self, step: int) -> dict:
