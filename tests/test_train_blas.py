@@ -12,8 +12,8 @@ from mmchat.config import CONFIGS
 from mmchat.errors import MMChatError
 from mmchat.model import Transformer
 from mmchat.model import apply_rope, rope_tables
-from mmchat.train.blas import (BlasLinears, RMSNormFn, RopeHeads, SwiGLUFn, blas_linear, head_nll, numpy_openblas,
-                               use_openblas)
+from mmchat.train.blas import (BlasLinears, CausalAttention, RMSNormFn, RopeHeads, SwiGLUFn, blas_linear, head_nll,
+                               numpy_openblas, use_openblas)
 from mmchat.train.loop import ChunkedNLL, TrainConfig
 from mmchat.train.lora import apply_lora
 from mmchat.train.pretrain import pretrain
@@ -50,7 +50,7 @@ def test_team_gemm_gives_torch_products(threads):
                 a = torch.randn(*((K, M) if trans_a else (M, K)), generator=g)
                 b = torch.randn(*((N, K) if trans_b else (K, N)), generator=g)
                 out = torch.full((M, N), float("nan"))
-                kernels.sgemm(numpy_openblas()[0], a, b, trans_a, trans_b, out, threads)
+                kernels.sgemm(numpy_openblas(), a, b, trans_a, trans_b, out, threads)
                 ref = (a.T if trans_a else a) @ (b.T if trans_b else b)  # (M, N)
                 assert torch.allclose(out, ref, rtol=1e-5, atol=1e-4), (M, N, K, trans_a, trans_b)
 
@@ -84,8 +84,9 @@ def values_and_grads(fn, inputs, upstream):
 
 @pytest.mark.skipif(not kernels.available(), reason="mmchat's C kernels are not built here")
 def test_fused_layers_give_torchs_values_and_gradients():
-    """RMSNorm, SwiGLU, and RoPE with the heads' layout, against the module path's tensor ops (shapes whose rows
-    do not divide into 8-float lanes where the kernels allow it)."""
+    """RMSNorm, SwiGLU, RoPE with the heads' layout, and causal grouped-query attention, against the module path's
+    tensor ops (shapes whose rows do not divide into 8-float lanes where the kernels allow it, and a sequence
+    longer than one block of 64 queries that does not end on a block)."""
     g = torch.Generator().manual_seed(2)
     B, T, nh, nkv, hs = 2, 7, 6, 2, 32
 
@@ -112,6 +113,12 @@ def test_fused_layers_give_torchs_values_and_gradients():
         return qk[:, :nh], qk[:, nh:], heads[:, nh + nkv:]
     check(lambda qkv: RopeHeads.apply(qkv, cos[pos], sin[pos], nh, nkv), reference, [qkv],
           [(B, nh, T, hs), (B, nkv, T, hs), (B, nkv, T, hs)])
+
+    for T in (7, 150):
+        q, k, v = (torch.randn(B, n, T, hs, generator=g).requires_grad_() for n in (nh, nkv, nkv))
+        check(CausalAttention.apply, lambda q, k, v: F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2).reshape(B, T, nh * hs), [q, k, v],
+            [(B, T, nh * hs)])
 
 
 def test_frozen_weight_gets_no_gradient_product():

@@ -91,8 +91,11 @@ def library() -> ctypes.CDLL | None:
     lib.swiglu_fwd.argtypes = [_ptr, _i64, _int, _ptr, _int]
     lib.swiglu_bwd.argtypes = [_ptr, _ptr, _i64, _int, _ptr, _int]
     lib.rope_heads.argtypes = [_ptr] * 6 + [_int] * 7
+    lib.attention_fwd.argtypes = [_ptr] * 6 + [_int] * 6
+    lib.attention_bwd.argtypes = [_ptr] * 10 + [_int] * 6
     for fn in (lib.q4_matmul, lib.q8_matmul, lib.sample_rows, lib.penalize_rows, lib.sgemm_team, lib.nll_rows,
-               lib.rms_norm_fwd, lib.rms_norm_bwd, lib.swiglu_fwd, lib.swiglu_bwd, lib.rope_heads):
+               lib.rms_norm_fwd, lib.rms_norm_bwd, lib.swiglu_fwd, lib.swiglu_bwd, lib.rope_heads, lib.attention_fwd,
+               lib.attention_bwd):
         fn.restype = None
     return lib
 

@@ -941,3 +941,104 @@ void rope_heads(float *qkv, float *q, float *k, float *v, const float *cos, cons
         }
     }
 }
+
+/* ---- the training step's attention: causal softmax(Q K^T / sqrt(hs)) V, forward and backward ----------------
+ * q (B, nh, T, hs), k and v (B, nkv, T, hs) contiguous, query head h reading kv head h / (nh / nkv). The output y is
+ * (B, T, nh hs), the layout the output projection takes; lse (B, nh, T), each query's log-sum-exp, is kept for
+ * backward. Queries go in blocks of ATT_ROWS, each against the keys up to its last position only (the causal
+ * half is skipped but for the block's diagonal), the products through cblas sgemm on per-thread scratch rows. */
+#define ATT_ROWS 64
+
+/* row i of s (n keys, query at position p0 + i) -> its softmax over keys 0..p0+i, 0 past them; returns log-sum-exp */
+static float causal_softmax_row(float *s, int n_valid, int n) {
+    float top = row_max(s, n_valid);
+    __m256 t = _mm256_set1_ps(top), acc = _mm256_setzero_ps();
+    int j = 0;
+    for (; j + 8 <= n_valid; j += 8) {
+        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), t));
+        _mm256_storeu_ps(s + j, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    float sum = hsum(acc);
+    for (; j < n_valid; j++) sum += (s[j] = expf(s[j] - top));
+    float inv = 1.f / sum;
+    for (j = 0; j < n_valid; j++) s[j] *= inv;
+    for (; j < n; j++) s[j] = 0.f;
+    return top + logf(sum);
+}
+
+void attention_fwd(void *sgemm, const float *q, const float *k, const float *v, float *y, float *lse, int B, int nh,
+                   int nkv, int T, int hs, int threads) {
+    cblas_sgemm_fn gemm = (cblas_sgemm_fn)sgemm;
+    int g = nh / nkv, blocks = (T + ATT_ROWS - 1) / ATT_ROWS;
+    float scale = 1.f / sqrtf((float)hs);
+    #pragma omp parallel num_threads(threads)
+    {
+        float *s = scratch(sizeof(float) * ATT_ROWS * T);
+        #pragma omp for schedule(dynamic)
+        for (int64_t u = 0; u < (int64_t)B * nh * blocks; u++) {  /* (row, query head, block), the longest first */
+            int64_t bh = u / blocks, b = bh / nh, h = bh % nh;
+            int p0 = (blocks - 1 - (int)(u % blocks)) * ATT_ROWS, rows = T - p0 < ATT_ROWS ? T - p0 : ATT_ROWS;
+            int n = p0 + rows;  /* keys this block sees */
+            const float *Q = q + (bh * T + p0) * hs, *K = k + (b * nkv + h / g) * T * hs, *V = v + (b * nkv + h / g) * T * hs;
+            gemm(ROW_MAJOR, NO_TRANS, TRANS, rows, n, hs, scale, Q, hs, K, hs, 0.f, s, n);  /* (rows, n) */
+            for (int i = 0; i < rows; i++) lse[bh * T + p0 + i] = causal_softmax_row(s + (int64_t)i * n, p0 + i + 1, n);
+            gemm(ROW_MAJOR, NO_TRANS, NO_TRANS, rows, hs, n, 1.f, s, n, V, hs, 0.f,
+                 y + ((b * T + p0) * nh + h) * hs, (int64_t)nh * hs);  /* (rows, hs) into y's rows */
+        }
+        free(s);
+    }
+}
+
+/* dy (B, T, nh hs) -> dq (B, nh, T, hs), dk and dv (B, nkv, T, hs), from the forward's inputs, output y and lse.
+ * Per block: P again from Q K^T and lse, dV += P^T dO, dP = dO V^T, dS = P (dP - rowsum(dO y)) / sqrt(hs),
+ * dQ = dS K, dK += dS^T Q. A kv head's query heads all add into its dK and dV: one thread takes the lot. */
+void attention_bwd(void *sgemm, const float *q, const float *k, const float *v, const float *y, const float *lse,
+                   const float *dy, float *dq, float *dk, float *dv, int B, int nh, int nkv, int T, int hs,
+                   int threads) {
+    cblas_sgemm_fn gemm = (cblas_sgemm_fn)sgemm;
+    int g = nh / nkv, blocks = (T + ATT_ROWS - 1) / ATT_ROWS;
+    float scale = 1.f / sqrtf((float)hs);
+    #pragma omp parallel num_threads(threads)
+    {
+        float *p = scratch(sizeof(float) * ATT_ROWS * T), *dp = scratch(sizeof(float) * ATT_ROWS * T);
+        #pragma omp for schedule(dynamic)
+        for (int64_t bk = 0; bk < (int64_t)B * nkv; bk++) {
+            int64_t b = bk / nkv;
+            const float *K = k + bk * T * hs, *V = v + bk * T * hs;
+            float *dK = dk + bk * T * hs, *dV = dv + bk * T * hs;
+            memset(dK, 0, sizeof(float) * T * hs);
+            memset(dV, 0, sizeof(float) * T * hs);
+            for (int64_t h = (bk % nkv) * g; h < (bk % nkv + 1) * g; h++) {
+                int64_t bh = b * nh + h;
+                for (int p0 = 0; p0 < T; p0 += ATT_ROWS) {
+                    int rows = T - p0 < ATT_ROWS ? T - p0 : ATT_ROWS, n = p0 + rows;
+                    const float *Q = q + (bh * T + p0) * hs;
+                    const float *dO = dy + ((b * T + p0) * nh + h) * hs, *O = y + ((b * T + p0) * nh + h) * hs;
+                    int64_t ld = (int64_t)nh * hs;
+                    gemm(ROW_MAJOR, NO_TRANS, TRANS, rows, n, hs, scale, Q, hs, K, hs, 0.f, p, n);
+                    for (int i = 0; i < rows; i++) {  /* P = exp(S - lse), 0 past the query's position */
+                        float *pi = p + (int64_t)i * n, l = lse[bh * T + p0 + i];
+                        int valid = p0 + i + 1, j = 0;
+                        for (; j + 8 <= valid; j += 8)
+                            _mm256_storeu_ps(pi + j, exp8(_mm256_sub_ps(_mm256_loadu_ps(pi + j), _mm256_set1_ps(l))));
+                        for (; j < valid; j++) pi[j] = expf(pi[j] - l);
+                        for (; j < n; j++) pi[j] = 0.f;
+                    }
+                    gemm(ROW_MAJOR, TRANS, NO_TRANS, n, hs, rows, 1.f, p, n, dO, ld, 1.f, dV, hs);   /* dV += P^T dO */
+                    gemm(ROW_MAJOR, NO_TRANS, TRANS, rows, n, hs, 1.f, dO, ld, V, hs, 0.f, dp, n);   /* dP = dO V^T */
+                    for (int i = 0; i < rows; i++) {  /* dS = P (dP - dO . O) scale, in dp */
+                        float *pi = p + (int64_t)i * n, *di = dp + (int64_t)i * n, dot = 0.f;
+                        for (int d = 0; d < hs; d++) dot += dO[i * ld + d] * O[i * ld + d];
+                        for (int j = 0; j < n; j++) di[j] = pi[j] * (di[j] - dot) * scale;
+                    }
+                    gemm(ROW_MAJOR, NO_TRANS, NO_TRANS, rows, hs, n, 1.f, dp, n, K, hs, 0.f,
+                         dq + (bh * T + p0) * hs, hs);                                               /* dQ = dS K */
+                    gemm(ROW_MAJOR, TRANS, NO_TRANS, n, hs, rows, 1.f, dp, n, Q, hs, 1.f, dK, hs);   /* dK += dS^T Q */
+                }
+            }
+        }
+        free(p);
+        free(dp);
+    }
+}

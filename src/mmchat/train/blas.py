@@ -33,10 +33,11 @@ from ..errors import MMChatError
 
 
 @functools.cache
-def numpy_openblas() -> tuple[int, object] | None:
-    """The address of numpy's bundled OpenBLAS's cblas_sgemm (its 64-bit integer interface) and its
-    set_num_threads(n) function, or None when numpy was built against another BLAS or the library cannot be found
-    (then the training matmuls stay torch's)."""
+def numpy_openblas() -> int | None:
+    """The address of numpy's bundled OpenBLAS's cblas_sgemm (its 64-bit integer interface), or None when numpy was
+    built against another BLAS or the library cannot be found (then the training matmuls stay torch's). Found, the
+    library is set to one thread: mmchat calls it from each of torch's threads (numpy's own matmuls in this process
+    then run on one thread too; mmchat does not use them elsewhere)."""
     try:
         blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
     except Exception:
@@ -51,7 +52,8 @@ def numpy_openblas() -> tuple[int, object] | None:
                         if hasattr(lib, n)), None)
         if sgemm is not None and threads is not None:
             threads.argtypes, threads.restype = [ctypes.c_int], None
-            return ctypes.cast(sgemm, ctypes.c_void_p).value, threads
+            threads(1)  # its own thread pool would spin beside torch's, and warns when called from inside it
+            return ctypes.cast(sgemm, ctypes.c_void_p).value
     return None
 
 
@@ -76,7 +78,7 @@ def use_openblas(device: torch.device, bf16: bool, compiled: bool) -> bool:
 def _sgemm(a, b, trans_a: bool, trans_b: bool) -> torch.Tensor:
     """op(a) @ op(b) for 2-D contiguous float32 tensors (op: transposed or not), on torch's threads."""
     out = torch.empty(a.size(1 if trans_a else 0), b.size(0 if trans_b else 1))
-    kernels.sgemm(numpy_openblas()[0], a, b, trans_a, trans_b, out, torch.get_num_threads())
+    kernels.sgemm(numpy_openblas(), a, b, trans_a, trans_b, out, torch.get_num_threads())
     return out
 
 
@@ -215,6 +217,32 @@ class RopeHeads(torch.autograd.Function):
         return dqkv, None, None, None, None
 
 
+class CausalAttention(torch.autograd.Function):
+    """Causal softmax(Q K^T / sqrt(hs)) V for q (B, nh, T, hs), k and v (B, nkv, T, hs) (grouped-query: query head h
+    reads kv head h // (nh / nkv)) -> (B, T, nh hs), the output projection's input (csrc: attention_fwd and _bwd:
+    blocks of 64 queries against the keys they see, the products by OpenBLAS; backward rebuilds the weights from
+    each query's saved log-sum-exp)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        (B, nh, T, hs), nkv = q.shape, k.size(1)
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        y, lse = torch.empty(B, T, nh * hs), torch.empty(B, nh, T)
+        kernels.library().attention_fwd(numpy_openblas(), *map(_ptr, (q, k, v, y, lse)), B, nh, nkv, T, hs,
+                                        torch.get_num_threads())
+        ctx.save_for_backward(q, k, v, y, lse)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):  # (B, T, nh hs)
+        q, k, v, y, lse = ctx.saved_tensors
+        (B, nh, T, hs), nkv = q.shape, k.size(1)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        kernels.library().attention_bwd(numpy_openblas(), *map(_ptr, (q, k, v, y, lse, dy.contiguous(), dq, dk, dv)),
+                                        B, nh, nkv, T, hs, torch.get_num_threads())
+        return dq, dk, dv
+
+
 def _fp32_cpu(*tensors) -> bool:
     return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
 
@@ -238,27 +266,23 @@ def _mlp_forward(self, x):
 
 
 def _attention_forward(self, x, rope, input_pos, mask, cache_rows=None):
-    """Training's attention (no cache, plain causal, RoPE): the heads split and rotated by RopeHeads."""
+    """Training's attention (no cache, plain causal, RoPE): the heads split and rotated by RopeHeads, attention by
+    CausalAttention."""
     if self.cache is not None or mask is not None or self.use_reference or rope is None or self.head_dim % 16 \
             or not _fp32_cpu(x):
         return type(self).forward(self, x, rope, input_pos, mask, cache_rows)
-    B, T, _ = x.shape
     cos, sin = (t.squeeze(1) for t in rope)  # (B, T, hs) each
     q, k, v = RopeHeads.apply(self.wqkv(x), cos, sin, self.n_head, self.n_kv_head)  # (B, nh|nkv, T, hs)
-    y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                                   enable_gqa=self.n_head != self.n_kv_head)  # (B, nh, T, hs)
-    return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, d)
+    return self.wo(CausalAttention.apply(q, k, v))  # (B, T, nh hs) -> (B, T, d)
 
 
 class BlasLinears:
     """Swaps every nn.Linear of `model` onto blas_linear, and its RMSNorms, SwiGLU MLPs and attention's RoPE onto
     the functions above, for the span of `swapped()` (an instance attribute `forward`, removed afterwards: the
-    modules, their parameters and state dicts are untouched). OpenBLAS is set to one thread per call: the threads
-    are torch's (see _sgemm)."""
+    modules, their parameters and state dicts are untouched)."""
 
     def __init__(self, model: nn.Module):
         self.model = model
-        numpy_openblas()[1](1)
 
     @contextlib.contextmanager
     def swapped(self):
