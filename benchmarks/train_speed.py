@@ -11,7 +11,7 @@ ratios compare the training steps, and the last lines compare what each gives by
 which is bf16 autocast on a CPU with bf16 units for a model this size, against HF Trainer's CPU default, fp32).
 With --compile mmchat's blocks run under torch.compile (its --compile); the first step, which compiles, is timed
 apart and shown, and counts as one of the --warmup steps. The variants mmchat-full-torch and mmchat-lora-torch run
-mmchat with torch's own matmuls (MMCHAT_BLAS=torch) instead of its default choice (mmchat.train.blas).
+mmchat with torch's own matmuls and layers (MMCHAT_BLAS=torch) instead of its default choice (mmchat.train.cpu_step).
 --rounds runs every variant that many times, in turn, and takes the median of the rounds; --json writes every
 figure, the machine and its load average to a file.
 --data chooses the rows: `random` (the default) random token ids with every position scored, as in pretraining;

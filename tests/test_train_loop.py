@@ -18,7 +18,7 @@ from mmchat.cli import main
 from mmchat.config import CONFIGS
 from mmchat.errors import MMChatError
 from mmchat.model import Transformer
-from mmchat.train.blas import numpy_openblas
+from mmchat.train.cpu_step import numpy_openblas
 from mmchat.train.loop import ChunkedNLL, Trainer, TrainConfig, atomic_save, load_checkpoint_file
 from mmchat.train.lora import apply_lora
 from mmchat.train.pretrain import pretrain
@@ -283,7 +283,7 @@ def test_head_and_loss_only_at_loss_positions_match_full_logits_masked(tmp_path,
     mask[1] = False
     cfg = TrainConfig(batch_size=3, seq_len=40, device="cpu", progress=False)
     trainer = Trainer(model, FixedRows(x, y, mask), cfg, tmp_path, meta={})
-    assert (trainer.blas is not None) == (blas == "openblas")
+    assert (trainer.cpu_step is not None) == (blas == "openblas")
     with torch.no_grad():
         kept = model(x, keep=mask)  # (N, V)
         assert kept.shape == (int(mask.sum()), 512) and torch.allclose(kept, model(x)[mask], atol=1e-5)

@@ -1,6 +1,6 @@
 """mmchat's own CPU kernels for weights kept in GGUF's 4- and 8-bit blocks (csrc/qmatmul.c): block matmuls, and
 every Llama block of a forward pass with a KV cache (decode steps, batches and prompts) in one call, sampling, and
-the training step's float32 GEMMs split over torch's threads (mmchat.train.blas). Built once
+the training step's float32 GEMMs split over torch's threads (mmchat.train.cpu_step). Built once
 for this CPU with the system's C compiler (`cc -O3 -march=native`, a few seconds) into mmchat's cache and loaded
 with ctypes; where no compiler is found or the build fails, `available()` is False and torch's own weight-only
 kernels are used instead.

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from ..errors import MMChatError
 from ..quantize import FAST_PATH_MIN_PARAMS, cpu_has_bf16
-from .blas import BlasLinears, head_nll, use_openblas
+from .cpu_step import CpuStep, head_nll, use_openblas
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -271,8 +271,8 @@ class Trainer:
         self.model = model.to(self.device)
         self.frozen_casts = FrozenCasts(model) if self.bf16 else None
         self.compiled = cfg.compile and compile_blocks(model)
-        # the training forward's Linear matmuls through numpy's OpenBLAS where torch's MKL is slower (AMD CPUs)
-        self.blas = BlasLinears(model) if use_openblas(self.device, self.bf16, self.compiled) else None
+        # the float32 CPU step on mmchat's kernels and OpenBLAS where torch's MKL is slower (AMD CPUs): cpu_step.py
+        self.cpu_step = CpuStep(model) if use_openblas(self.device, self.bf16, self.compiled) else None
         self.state_fn = state_fn or (lambda m: m.state_dict())
         self.load_state_fn = load_state_fn or (lambda m, sd: m.load_state_dict(sd))
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -460,8 +460,8 @@ class Trainer:
         parameter still gets its (zero) gradient, as DDP needs: the N = 0 rows stay in the graph."""
         keep = None if mask.all() else mask  # (B, T) bool
         targets = y.flatten() if keep is None else y[keep]  # (N,)
-        if self.blas:  # the head and the loss in one function (mmchat.train.blas.HeadNLL)
-            with self.blas.swapped():
+        if self.cpu_step:  # the head and the loss in one function (cpu_step.HeadNLL)
+            with self.cpu_step.swapped():
                 hidden = self.ddp_model(x, keep=keep, head=False)  # (B, T, d), or (N, d) at the kept positions
             return head_nll(hidden.flatten(0, -2), self.model.lm_head.weight, targets).sum()
         with self._autocast():

@@ -1,20 +1,19 @@
-"""The training step's Linear matmuls through numpy's OpenBLAS where it beats torch's BLAS.
+"""The training step on the CPU in float32: the model's layers swapped for mmchat's own autograd Functions while the
+training forward runs (`CpuStep.swapped()`), each one pass of C (csrc/qmatmul.c) or a GEMM instead of a chain of
+tensor ops. Eval, samples and inference keep the model's own code.
 
-torch's CPU wheels do their float32 GEMMs in MKL, which on AMD CPUs takes a slower generic path. numpy's wheels
-bundle OpenBLAS, whose Zen kernels measured 1.0-1.8x MKL's speed on this model's training shapes (1024 rows of
-SmolLM2-135M: the 49152-wide head's forward 1.8x, the fused Q/K/V and gate/up products 1.2-1.5x; AVX2 Zen 3).
-`BlasLinears` runs each float32 nn.Linear of the model through `blas_linear` (an autograd Function: the same
-three products as F.linear, y = x W^T, dX = dY W, dW = dY^T X) while the training forward runs; backward keeps
-what the forward recorded. Eval, samples and inference keep torch's own matmuls. The values are the same up to
-float32 rounding (another summation order).
+- Linear layers (`blas_linear`): y = x W^T, dX = dY W, dW = dY^T X through numpy's bundled OpenBLAS. torch's CPU
+  wheels do their float32 GEMMs in MKL, which on AMD CPUs takes a slower generic path; OpenBLAS's Zen kernels
+  measured 1.0-1.8x MKL's speed on this model's training shapes. Each product is split over torch's own OpenMP
+  threads, each calling OpenBLAS single-threaded on its share (`mmchat.kernels.sgemm`): OpenBLAS's own thread
+  pool would spin beside torch's on the same cores (with 2 threads the step ran no faster than with 1).
+- The head and the loss together (`head_nll`): the loss kernel overwrites the logits with their gradient.
+- RMSNorm, SwiGLU, RoPE with the split into heads, and causal grouped-query attention, forward and backward.
 
-Each product is split over torch's own OpenMP threads, each calling OpenBLAS single-threaded on its share
-(`mmchat.kernels.sgemm`): OpenBLAS's own thread pool would spin beside torch's on the same cores, and with 2
-threads the step ran no faster than with 1.
-
-MMCHAT_BLAS=torch turns it off, MMCHAT_BLAS=openblas turns it on on any CPU; the default (auto) is on where it was
-measured faster: an AMD CPU whose torch uses MKL, float32 (not bf16 autocast), eager (not --compile). It needs
-mmchat's C kernels (a C compiler) and numpy built with OpenBLAS; without them the matmuls stay torch's.
+The values are the module path's up to float32 rounding (other summation orders). MMCHAT_BLAS=torch turns all
+this off, MMCHAT_BLAS=openblas turns it on on any CPU; the default (auto) is on where it was measured faster: an AMD
+CPU whose torch uses MKL, float32 (not bf16 autocast), eager (not --compile). It needs mmchat's C kernels (a C
+compiler) and numpy built with OpenBLAS; without them the step is the model's own.
 """
 from __future__ import annotations
 
@@ -276,10 +275,10 @@ def _attention_forward(self, x, rope, input_pos, mask, cache_rows=None):
     return self.wo(CausalAttention.apply(q, k, v))  # (B, T, nh hs) -> (B, T, d)
 
 
-class BlasLinears:
-    """Swaps every nn.Linear of `model` onto blas_linear, and its RMSNorms, SwiGLU MLPs and attention's RoPE onto
-    the functions above, for the span of `swapped()` (an instance attribute `forward`, removed afterwards: the
-    modules, their parameters and state dicts are untouched)."""
+class CpuStep:
+    """Swaps every nn.Linear of `model` onto blas_linear, and its RMSNorms, SwiGLU MLPs and attention onto the
+    functions above, for the span of `swapped()` (an instance attribute `forward`, removed afterwards: the modules,
+    their parameters and state dicts are untouched)."""
 
     def __init__(self, model: nn.Module):
         self.model = model

@@ -1,5 +1,6 @@
-"""The training step's Linear matmuls through numpy's OpenBLAS (mmchat.train.blas) give torch's values and
-gradients within float32 rounding, train the same curve, and leave the model as it was."""
+"""The float32 CPU training step (mmchat.train.cpu_step: OpenBLAS GEMMs on torch's threads, the head and loss
+together, the C layers) gives torch's values and gradients within float32 rounding, trains the same curve, and
+leaves the model as it was."""
 import contextlib
 from importlib import resources
 
@@ -12,7 +13,7 @@ from mmchat.config import CONFIGS
 from mmchat.errors import MMChatError
 from mmchat.model import Transformer
 from mmchat.model import apply_rope, rope_tables
-from mmchat.train.blas import (BlasLinears, CausalAttention, RMSNormFn, RopeHeads, SwiGLUFn, blas_linear, head_nll,
+from mmchat.train.cpu_step import (CpuStep, CausalAttention, RMSNormFn, RopeHeads, SwiGLUFn, blas_linear, head_nll,
                                numpy_openblas, use_openblas)
 from mmchat.train.loop import ChunkedNLL, TrainConfig
 from mmchat.train.lora import apply_lora
@@ -131,7 +132,7 @@ def test_frozen_weight_gets_no_gradient_product():
 
 def nll_and_grads(model, x, y, blas: bool):
     model.zero_grad(set_to_none=True)
-    with BlasLinears(model).swapped() if blas else contextlib.nullcontext():
+    with CpuStep(model).swapped() if blas else contextlib.nullcontext():
         logits = model(x)  # (B, T, V)
     loss = ChunkedNLL.apply(logits.flatten(0, 1), y.flatten()).mean()
     loss.backward()
