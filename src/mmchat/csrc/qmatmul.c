@@ -866,7 +866,8 @@ void rms_norm_bwd(const float *x, const float *w, const float *rstd, const float
 }
 
 static inline __m256 sigmoid8(__m256 g) {
-    return _mm256_div_ps(_mm256_set1_ps(1.f), _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+    __m256 one = _mm256_set1_ps(1.f);
+    return _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
 }
 
 /* SwiGLU: out (N, F) = silu(gate) * up for h (N, 2F) = [gate | up] (the fused projection's output) */
@@ -980,7 +981,8 @@ void attention_fwd(void *sgemm, const float *q, const float *k, const float *v, 
             int64_t bh = u / blocks, b = bh / nh, h = bh % nh;
             int p0 = (blocks - 1 - (int)(u % blocks)) * ATT_ROWS, rows = T - p0 < ATT_ROWS ? T - p0 : ATT_ROWS;
             int n = p0 + rows;  /* keys this block sees */
-            const float *Q = q + (bh * T + p0) * hs, *K = k + (b * nkv + h / g) * T * hs, *V = v + (b * nkv + h / g) * T * hs;
+            const float *Q = q + (bh * T + p0) * hs;
+            const float *K = k + (b * nkv + h / g) * T * hs, *V = v + (b * nkv + h / g) * T * hs;
             gemm(ROW_MAJOR, NO_TRANS, TRANS, rows, n, hs, scale, Q, hs, K, hs, 0.f, s, n);  /* (rows, n) */
             for (int i = 0; i < rows; i++) lse[bh * T + p0 + i] = causal_softmax_row(s + (int64_t)i * n, p0 + i + 1, n);
             gemm(ROW_MAJOR, NO_TRANS, NO_TRANS, rows, hs, n, 1.f, s, n, V, hs, 0.f,

@@ -29,6 +29,7 @@ import torch.nn as nn
 
 from .. import kernels
 from ..errors import MMChatError
+from ..model import MLP, Attention, RMSNorm
 
 
 @functools.cache
@@ -209,7 +210,8 @@ class RopeHeads(torch.autograd.Function):
     def backward(ctx, dq, dk, dv):
         cos, sin = ctx.saved_tensors
         B, T, nh, nkv, hs = ctx.dims
-        dq, dk, dv = (torch.zeros(B, n, T, hs) if d is None else d.contiguous() for d, n in ((dq, nh), (dk, nkv), (dv, nkv)))
+        dq, dk, dv = (torch.zeros(B, n, T, hs) if d is None else d.contiguous()
+                      for d, n in ((dq, nh), (dk, nkv), (dv, nkv)))
         dqkv = torch.empty(B, T, (nh + 2 * nkv) * hs)
         kernels.library().rope_heads(*map(_ptr, (dqkv, dq, dk, dv, cos, sin)), B, T, nh, nkv, hs, 1,
                                      torch.get_num_threads())
@@ -285,7 +287,6 @@ class CpuStep:
 
     @contextlib.contextmanager
     def swapped(self):
-        from ..model import MLP, Attention, RMSNorm
         forwards = {nn.Linear: _linear_forward, RMSNorm: _rms_norm_forward, MLP: _mlp_forward,
                     Attention: _attention_forward}
         swapped = [m for m in self.model.modules() if type(m) in forwards]
