@@ -44,10 +44,14 @@ class VisionLM(nn.Module):
     def layers(self):  # the loop logs the last layer's attention
         return self.lm.layers
 
+    @property
+    def lm_head(self):  # the loop's CPU step runs the head with the loss
+        return self.lm.lm_head
+
     def set_reference_attention(self, on: bool = True):
         self.lm.set_reference_attention(on)
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None, head: bool = True) -> torch.Tensor:
         V = self.cfg.vocab_size
         img = x >= V  # (B, T)
         emb = self.lm.embed(x.masked_fill(img, 0))  # (B, T, d)
@@ -55,7 +59,8 @@ class VisionLM(nn.Module):
             cell = x[img] - V  # (M,) in row-major order, as masked_scatter fills
             feats = self.bank[cell // P.IMAGE_TOKENS, cell % P.IMAGE_TOKENS].float()  # (M, 1283)
             emb = emb.masked_scatter(img[..., None], self.projector(feats).to(emb.dtype))  # (B, T, d)
-        return self.lm(None, None, embeds=emb, keep=keep)  # (B, T, V), or (N, V) where keep (B, T) is true
+        # (B, T, V), or (N, V) where keep (B, T) is true; the final norm's output (..., d) with head=False
+        return self.lm(None, None, embeds=emb, keep=keep, head=head)
 
 
 # stage 2 asks these kinds twice per scene (with two of their phrasings): the model learns shape from a few hundred
