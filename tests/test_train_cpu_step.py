@@ -11,10 +11,9 @@ import torch.nn.functional as F
 from mmchat import kernels
 from mmchat.config import CONFIGS
 from mmchat.errors import MMChatError
-from mmchat.model import Transformer
-from mmchat.model import apply_rope, rope_tables
-from mmchat.train.cpu_step import (CpuStep, CausalAttention, RMSNormFn, RopeHeads, SwiGLUFn, blas_linear, head_nll,
-                               numpy_openblas, use_openblas)
+from mmchat.model import Transformer, apply_rope, rope_tables
+from mmchat.train.cpu_step import (CausalAttention, CpuStep, RMSNormFn, RopeHeads, SwiGLUFn, blas_linear, head_nll,
+                                   numpy_openblas, sgemm, use_openblas)
 from mmchat.train.loop import ChunkedNLL, TrainConfig
 from mmchat.train.lora import apply_lora
 from mmchat.train.pretrain import pretrain
@@ -51,7 +50,7 @@ def test_team_gemm_gives_torch_products(threads):
                 a = torch.randn(*((K, M) if trans_a else (M, K)), generator=g)
                 b = torch.randn(*((N, K) if trans_b else (K, N)), generator=g)
                 out = torch.full((M, N), float("nan"))
-                kernels.sgemm(numpy_openblas(), a, b, trans_a, trans_b, out, threads)
+                sgemm(a, b, trans_a, trans_b, out, threads)
                 ref = (a.T if trans_a else a) @ (b.T if trans_b else b)  # (M, N)
                 assert torch.allclose(out, ref, rtol=1e-5, atol=1e-4), (M, N, K, trans_a, trans_b)
 

@@ -126,25 +126,6 @@ def q8_matmul(x: torch.Tensor, q8: torch.Tensor, d: torch.Tensor) -> torch.Tenso
     return y
 
 
-def sgemm(cblas_sgemm: int, a: torch.Tensor, b: torch.Tensor, trans_a: bool, trans_b: bool, out: torch.Tensor,
-          threads: int):
-    """out = op(a) @ op(b) for 2-D contiguous float32 tensors (op: transposed where trans_*), by a BLAS's cblas_sgemm
-    (its address; 64-bit integers) called single-threaded by each of `threads` OpenMP threads on its share of out."""
-    M, K = (a.size(1), a.size(0)) if trans_a else a.shape
-    N = b.size(0) if trans_b else b.size(1)
-    library().sgemm_team(cblas_sgemm, int(trans_a), int(trans_b), M, N, K, a.data_ptr(), a.stride(0), b.data_ptr(),
-                         b.stride(0), 0.0, out.data_ptr(), out.stride(0), threads)
-
-
-def nll_rows(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """logits (N, V) contiguous float32, targets (N,) int64 -> -log softmax(logits)[target] per row (N,); the logits
-    are overwritten with that loss's gradient, softmax(row) - onehot(target)."""
-    N, V = logits.shape
-    nll = torch.empty(N, dtype=torch.float32)
-    library().nll_rows(logits.data_ptr(), targets.data_ptr(), N, V, nll.data_ptr(), torch.get_num_threads())
-    return nll
-
-
 def penalize_rows(logits: torch.Tensor, rows: torch.Tensor, seen: torch.Tensor | None, counts: torch.Tensor | None,
                   bias: torch.Tensor | None, rep: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor):
     """logits (B, V) float32 -> a penalized copy (B, V): row b with row rows[b] (int64) of seen (S, V) bool,

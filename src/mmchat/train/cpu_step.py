@@ -5,7 +5,7 @@ tensor ops. Eval, samples and inference keep the model's own code.
 - Linear layers (`blas_linear`): y = x W^T, dX = dY W, dW = dY^T X through numpy's bundled OpenBLAS. torch's CPU
   wheels do their float32 GEMMs in MKL, which on AMD CPUs takes a slower generic path; OpenBLAS's Zen kernels
   measured 1.0-1.8x MKL's speed on this model's training shapes. Each product is split over torch's own OpenMP
-  threads, each calling OpenBLAS single-threaded on its share (`mmchat.kernels.sgemm`): OpenBLAS's own thread
+  threads, each calling OpenBLAS single-threaded on its share (`sgemm`): OpenBLAS's own thread
   pool would spin beside torch's on the same cores (with 2 threads the step ran no faster than with 1).
 - The head and the loss together (`head_nll`): the loss kernel overwrites the logits with their gradient.
 - RMSNorm, SwiGLU, RoPE with the split into heads, and causal grouped-query attention, forward and backward.
@@ -65,7 +65,7 @@ def _amd_cpu() -> bool:
 
 
 def use_openblas(device: torch.device, bf16: bool, compiled: bool) -> bool:
-    """Whether the training step's Linear matmuls go through numpy's OpenBLAS ($MMCHAT_BLAS: auto, torch, openblas)."""
+    """Whether the training step runs here, its GEMMs in numpy's OpenBLAS ($MMCHAT_BLAS: auto, torch, openblas)."""
     choice = os.environ.get("MMCHAT_BLAS", "auto")
     if choice not in ("auto", "torch", "openblas"):
         raise MMChatError(f"MMCHAT_BLAS must be auto, torch or openblas (got {choice})")
@@ -75,10 +75,23 @@ def use_openblas(device: torch.device, bf16: bool, compiled: bool) -> bool:
     return choice == "openblas" or (_amd_cpu() and torch.backends.mkl.is_available())
 
 
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def sgemm(a, b, trans_a: bool, trans_b: bool, out: torch.Tensor, threads: int):
+    """out = op(a) @ op(b) for 2-D contiguous float32 tensors (op: transposed where trans_*), by OpenBLAS called
+    single-threaded by each of `threads` OpenMP threads on its share of out (csrc: sgemm_team)."""
+    M, K = (a.size(1), a.size(0)) if trans_a else a.shape
+    N = b.size(0) if trans_b else b.size(1)
+    kernels.library().sgemm_team(numpy_openblas(), int(trans_a), int(trans_b), M, N, K, _ptr(a), a.stride(0), _ptr(b),
+                                 b.stride(0), 0.0, _ptr(out), out.stride(0), threads)
+
+
 def _sgemm(a, b, trans_a: bool, trans_b: bool) -> torch.Tensor:
-    """op(a) @ op(b) for 2-D contiguous float32 tensors (op: transposed or not), on torch's threads."""
+    """op(a) @ op(b), a new tensor, on torch's threads."""
     out = torch.empty(a.size(1 if trans_a else 0), b.size(0 if trans_b else 1))
-    kernels.sgemm(numpy_openblas(), a, b, trans_a, trans_b, out, torch.get_num_threads())
+    sgemm(a, b, trans_a, trans_b, out, torch.get_num_threads())
     return out
 
 
@@ -116,7 +129,9 @@ class HeadNLL(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets):  # hidden (N, d), weight (V, d), targets (N,) ids
         hidden, weight = hidden.contiguous(), weight.contiguous()
         grad_logits = _sgemm(hidden, weight, False, True)  # (N, V) the logits, made their gradient in place:
-        nll = kernels.nll_rows(grad_logits, targets.contiguous())  # (N,)
+        nll, targets = torch.empty(hidden.size(0)), targets.contiguous()  # (N,) each; named: alive through the call
+        kernels.library().nll_rows(_ptr(grad_logits), _ptr(targets), *grad_logits.shape, _ptr(nll),
+                                   torch.get_num_threads())
         ctx.save_for_backward(hidden, weight, grad_logits)
         return nll
 
@@ -138,10 +153,6 @@ def head_nll(hidden, weight, targets):
 
 def blas_linear(x, weight, bias=None):
     return BlasLinear.apply(x, weight, bias)
-
-
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
 
 
 class RMSNormFn(torch.autograd.Function):
@@ -238,8 +249,8 @@ class CausalAttention(torch.autograd.Function):
     def backward(ctx, dy):  # (B, T, nh hs)
         q, k, v, y, lse = ctx.saved_tensors
         (B, nh, T, hs), nkv = q.shape, k.size(1)
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        kernels.library().attention_bwd(numpy_openblas(), *map(_ptr, (q, k, v, y, lse, dy.contiguous(), dq, dk, dv)),
+        dq, dk, dv, dy = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dy.contiguous()
+        kernels.library().attention_bwd(numpy_openblas(), *map(_ptr, (q, k, v, y, lse, dy, dq, dk, dv)),
                                         B, nh, nkv, T, hs, torch.get_num_threads())
         return dq, dk, dv
 
