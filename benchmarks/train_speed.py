@@ -13,7 +13,8 @@ With --compile mmchat's blocks run under torch.compile (its --compile); the firs
 apart and shown, and counts as one of the --warmup steps. The variants mmchat-full-torch and mmchat-lora-torch run
 mmchat with torch's own matmuls and layers (MMCHAT_BLAS=torch) instead of its default choice (mmchat.train.cpu_step).
 --rounds runs every variant that many times, in turn, and takes the median of the rounds; --json writes every
-figure, the machine and its load average to a file.
+figure, the machine and its load average to a file. Every variant runs in a fresh process of its own, so that no
+process-wide setting one makes (malloc's, OpenBLAS's threads, $MMCHAT_BLAS) or memory it leaves reaches another.
 --data chooses the rows: `random` (the default) random token ids with every position scored, as in pretraining;
 `shop` the shipped shop dialogues (mmchat/data/shop_support.jsonl) rendered with the model's chat template and
 packed as `mmchat train sft` does (mmchat's load_chats, render_chat, pack_chats; the first --batch rows), where
@@ -26,11 +27,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -129,6 +132,23 @@ def hf_variant(folder: str, lora: bool, x, y, mask, args, precision: str) -> tup
     return timed(step, args.warmup, args.steps, x.numel())
 
 
+VARIANTS = {"mmchat-full": (mmchat_variant, False, ""), "hf-full": (hf_variant, False),
+            "mmchat-lora": (mmchat_variant, True, ""), "hf-peft-lora": (hf_variant, True),
+            "mmchat-full-torch": (mmchat_variant, False, "torch"), "mmchat-lora-torch": (mmchat_variant, True, "torch")}
+
+
+def variant_in_child(name: str, precision: str, folder: str, x, y, mask, args):
+    """Runs in a fresh process (see run_variant): the variant `name` at `precision`."""
+    torch.set_num_threads(int(os.environ["MMCHAT_THREADS"]))
+    fn, lora, *blas = VARIANTS[name]
+    return fn(folder, lora, x, y, mask, args, precision, *blas)
+
+
+def run_variant(name: str, precision: str, folder: str, x, y, mask, args):
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(variant_in_child, name, precision, folder, x, y, mask, args).result()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
@@ -168,17 +188,11 @@ def main():
         folder = f"{tmp}/hf"
         write_hf(base, folder)  # one fp32 copy of the weights that both libraries load
         del base
-        variants = {"mmchat-full": lambda p: mmchat_variant(folder, False, x, y, mask, args, p),
-                    "hf-full": lambda p: hf_variant(folder, False, x, y, mask, args, p),
-                    "mmchat-lora": lambda p: mmchat_variant(folder, True, x, y, mask, args, p),
-                    "hf-peft-lora": lambda p: hf_variant(folder, True, x, y, mask, args, p),
-                    "mmchat-full-torch": lambda p: mmchat_variant(folder, False, x, y, mask, args, p, blas="torch"),
-                    "mmchat-lora-torch": lambda p: mmchat_variant(folder, True, x, y, mask, args, p, blas="torch")}
         for r in range(args.rounds):
             figures = {}
             for precision in args.precision.split(","):
                 for name in args.only.split(","):
-                    (wall, cpu), loss = variants[name](precision)
+                    (wall, cpu), loss = run_variant(name, precision, folder, x, y, mask, args)
                     figures[name, precision] = {"tok_s": wall, "tok_cpu_s": cpu, "last_loss": loss,
                                                 "load_avg": os.getloadavg()[0]}
                     print(f"{name:<17} {precision:<5} {wall:8.1f} tok/s {cpu:8.1f} tok/CPU-s   last loss {loss:.4f}"

@@ -57,6 +57,21 @@ def numpy_openblas() -> int | None:
     return None
 
 
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep the memory that a training step frees for the next step, rather than return it to
+    the kernel: each step allocates the same activations and gradients again, and memory fresh from the kernel costs
+    a page fault per 4 KB page on first touch (SmolLM2-135M, 4 x 256 rows: 80-200 thousand a step, and the step ran
+    5-7% faster without them). The process then holds its peak step's memory, which the next step needs anyway.
+    False (and nothing changed) where malloc is not glibc's."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
+    # no allocation gets a mapping of its own (freed, it would be unmapped), and the heap's free top is kept
+    return mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
+
+
 def _amd_cpu() -> bool:
     try:
         return "AuthenticAMD" in Path("/proc/cpuinfo").read_text()

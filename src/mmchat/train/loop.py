@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from ..errors import MMChatError
 from ..quantize import FAST_PATH_MIN_PARAMS, cpu_has_bf16
-from .cpu_step import CpuStep, head_nll, use_openblas
+from .cpu_step import CpuStep, head_nll, keep_freed_memory, use_openblas
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -273,6 +273,8 @@ class Trainer:
         self.compiled = cfg.compile and compile_blocks(model)
         # the float32 CPU step on mmchat's kernels and OpenBLAS where torch's MKL is slower (AMD CPUs): cpu_step.py
         self.cpu_step = CpuStep(model) if use_openblas(self.device, self.bf16, self.compiled) else None
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.state_fn = state_fn or (lambda m: m.state_dict())
         self.load_state_fn = load_state_fn or (lambda m, sd: m.load_state_dict(sd))
         self.params = [p for p in model.parameters() if p.requires_grad]
